@@ -1,0 +1,297 @@
+"""Typed, validated configuration: one dataclass per concern.
+
+A run is described by a YAML file with three sections, `model`, `data` and `train`, each mapping
+onto a dataclass below. Dotted overrides such as `--train.learning_rate=1e-3` are applied on top.
+Every problem (unknown key, wrong type, impossible value) is collected and reported on one line
+that names the key and the fix, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run. The message names each bad key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer. `vocab_size` is not set by hand: it comes from the tokenizer."""
+
+    block_size: int = 256  # longest context the model attends over (positions 0..block_size-1)
+    embedding_dim: int = 512  # width of the residual stream, C
+    num_heads: int = 8  # attention heads; each has head_dim = embedding_dim // num_heads
+    num_layers: int = 8  # transformer blocks
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    vocab_size: int = 0  # filled in from the tokenizer
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("block_size", "embedding_dim", "num_heads", "num_layers"):
+            if getattr(self, name) < 1:
+                out.append(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.num_heads >= 1 and self.embedding_dim % self.num_heads:
+            out.append(
+                f"model.embedding_dim={self.embedding_dim} is not divisible by "
+                f"model.num_heads={self.num_heads}: pick an embedding_dim that is a multiple of num_heads"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.vocab_size < 0 or self.vocab_size > 65536:
+            out.append(f"model.vocab_size={self.vocab_size} must be in [1, 65536]")
+        return out
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding_dim // self.num_heads
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is split."""
+
+    dataset: str = "tinyshakespeare"  # a known corpus, downloaded and verified if missing
+    path: str | None = None  # or any UTF-8 text file; takes precedence over `dataset`
+    val_fraction: float = 0.1  # the last fraction of the corpus is held out for validation
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.path is None and self.dataset not in KNOWN_DATASETS:
+            out.append(
+                f"data.dataset={self.dataset!r} is unknown: use one of {sorted(KNOWN_DATASETS)} "
+                "or set data.path to a UTF-8 text file"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            out.append(f"data.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.1")
+        return out
+
+
+KNOWN_DATASETS = {"tinyshakespeare"}
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, checkpoints and the machine it runs on."""
+
+    batch_size: int = 128  # sequences per process per micro-step
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 3000  # optimizer steps
+    learning_rate: float = 3.0e-4  # peak, reached after warmup
+    min_lr: float | None = None  # floor of the cosine decay; default learning_rate / 10
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # cosine decays until here; default max_iters
+    weight_decay: float = 0.1  # applied to matrices only (not biases, LayerNorm, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    eval_interval: int = 250
+    eval_iters: int = 50  # batches per split per process averaged by validate()
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    keep_checkpoints: int = 3  # newest K checkpoints are kept
+    out_dir: str = "runs/shakespeare_char"
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "no"  # no | bf16 | fp16, passed to Accelerate
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
+    dist_timeout_s: int = 300  # a rank stuck in a collective this long ends the job
+    tensorboard: bool = False  # log through Accelerate's TensorBoard tracker if installed
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                    "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints",
+                    "dist_timeout_s")
+        for name in positive:
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_iters", "threads"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.learning_rate <= 0:
+            out.append(f"train.learning_rate={self.learning_rate} must be > 0, e.g. 3e-4")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            out.append(f"train.min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters:
+            out.append(f"train.lr_decay_iters={self.lr_decay_iters} must exceed warmup_iters={self.warmup_iters}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                out.append(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            out.append(f"train.device={self.device!r} must be one of auto, cpu, cuda")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            out.append(f"train.mixed_precision={self.mixed_precision!r} must be one of no, bf16, fp16")
+        if not self.out_dir:
+            out.append("train.out_dir is empty: name a folder for checkpoints and logs")
+        return out
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_lr_decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs: the three sections of a config file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def problems(self) -> list[str]:
+        return self.model.problems() + self.data.problems() + self.train.problems()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- building dataclasses from plain data, with type checks --------------------------------------
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether `value` (from YAML) fits a field annotation such as `int`, `float`, `str | None`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # YAML reads `3e-4` as a string and `1` as an int; accept ints
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+class RawOverride(str):
+    """A command-line override value, parsed once the field it sets (and so its type) is known."""
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Fit YAML's readings to the field: `3e-4` (no dot) reads as a string, `no` as False."""
+    if isinstance(value, RawOverride):
+        parsed = yaml.safe_load(value) if value != "" else None
+        # a string field takes the text as written (`--data.path=null` still clears an optional one)
+        value = str(value) if "str" in _type_name(annotation) and parsed is not None else parsed
+    if isinstance(value, bool) and _type_name(annotation).startswith("str"):
+        return "yes" if value else "no"  # `mixed_precision: no` means the string
+    if isinstance(value, str) and "float" in _type_name(annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and _type_name(annotation).startswith("float"):
+        return float(value)
+    return value
+
+
+def build(cls: type, data: dict[str, Any], section: str, problems: list[str]) -> Any:
+    """Make a `cls` from `data`, appending a message to `problems` for each bad key or type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"unknown key {section}.{key}{hint}")
+            continue
+        value = _coerce(value, hints[key])
+        if not _type_ok(value, hints[key]):
+            problems.append(f"{section}.{key}={value!r} should be {_type_name(hints[key])}")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `--train.lr=3e-4` style flags into {"train": {"lr": 3e-4}}; values are parsed as YAML."""
+    out: dict[str, dict[str, Any]] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} is not of the form --section.key=value, e.g. --train.max_iters=100")
+        key, raw = arg[2:].split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = RawOverride(raw)
+    return out
+
+
+def run_config_from_dict(data: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Build and validate a RunConfig; raise ConfigError listing every problem on one line."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError("config file must be a mapping with sections model, data, train")
+    merged: dict[str, dict[str, Any]] = {}
+    for source in (data, overrides or {}):
+        for section, values in source.items():
+            if section not in SECTIONS:
+                close = difflib.get_close_matches(str(section), list(SECTIONS), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else " (sections are model, data, train)"
+                problems.append(f"unknown section {section!r}{hint}")
+                continue
+            if not isinstance(values, dict):
+                problems.append(f"section {section!r} must be a mapping of key: value")
+                continue
+            merged.setdefault(section, {}).update(values)
+    if "vocab_size" in merged.get("model", {}):
+        problems.append("model.vocab_size comes from the tokenizer: remove it from the config")
+        del merged["model"]["vocab_size"]
+    parts = {name: build(cls, merged.get(name, {}), name, problems) for name, cls in SECTIONS.items()}
+    config = RunConfig(**parts)
+    problems += config.problems()
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return config
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (never executed: `yaml.safe_load`) and apply dotted overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/shakespeare_char_cpu.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return run_config_from_dict(data, parse_overrides(overrides or []))
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Read a saved model config (checkpoint or export manifest)."""
+    problems: list[str] = []
+    config = build(ModelConfig, data, "model", problems)
+    problems += config.problems()
+    if config.vocab_size < 1:
+        problems.append("model.vocab_size is missing from the saved config")
+    if problems:
+        raise ConfigError("invalid saved model config: " + "; ".join(problems))
+    return config

@@ -1,0 +1,75 @@
+"""Choosing the next token from logits, shared by the PyTorch reference and the ONNX runtime.
+
+Imports no torch: both paths hand this module a numpy row of logits, so the same seed gives the
+same tokens whichever engine computed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    """How to turn logits into a token. temperature 0 or greedy=True takes the argmax."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set whose probability reaches top_p
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1, or unset")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Temperature, then top-k, then top-p: the distribution a token is drawn from. (V,) -> (V,)"""
+    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    if params.top_k is not None and params.top_k < z.shape[-1]:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if params.top_p is not None and params.top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        # keep every token up to and including the one whose cumulative probability reaches top_p
+        # (a hair of tolerance, so 0.5 + 0.3 "reaches" 0.8 despite rounding)
+        cut = int(np.searchsorted(cumulative, params.top_p - 1e-12)) + 1
+        keep = np.zeros_like(p, dtype=bool)
+        keep[order[:cut]] = True
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from a (V,) row of logits."""
+    if params.is_greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, params)
+    cumulative = np.cumsum(p)
+    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), len(p) - 1))
+
+
+def refill_context(tokens: list[int], block_size: int) -> list[int]:
+    """The context-window policy for generating past `block_size`.
+
+    A model with learned positions can attend over at most `block_size` tokens. When the cache is
+    full and one more token must go in, keep the last half of the window (the new token included)
+    and prefill it again at positions 0..len-1. Prefilling happens once every block_size/2 tokens,
+    so the amortised cost stays low, and the model always sees at least half a window of context.
+    """
+    keep = max(1, block_size // 2)
+    return tokens[-keep:]

@@ -1,0 +1,1 @@
+"""Training: `python -m launch CONFIG.yaml` or `accelerate launch [flags] -m launch CONFIG.yaml`."""

@@ -1,0 +1,402 @@
+"""Training with Hugging Face Accelerate: one CPU, one GPU, DDP over GPUs or CPU processes, many machines.
+
+    setup()  validates the config and the out_dir, before any work
+    main()   builds the Accelerator, data, model and optimizer, restores a checkpoint on --resume
+    fit()    the loop: get_lr() → micro-steps with accumulate/backward → clip → step;
+             validate() every eval_interval, save_checkpoint() every checkpoint_interval
+
+Which batch a step sees is a function of (seed, step, shard), the learning rate a function of the
+step, and Accelerate saves the optimizer and RNG states, so a run killed at any moment and resumed
+from its last checkpoint ends bit-identical (on CPU) to one never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from gpt.checkpoint import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_weights,
+    read_meta,
+    write_model_files,
+)
+from gpt.config import ConfigError, RunConfig, load_run_config
+from gpt.data import TokenizedCorpus, get_batch, prepare
+from gpt.model import GPT
+from launch.console import TrainingConsole
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on. The message says why and what to do."""
+
+
+# Dense peak FLOP/s by GPU name and precision, for MFU. Unknown devices show no MFU.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "no": 495e12},  # SXM; fp32 runs on TF32 tensor cores
+    "H200": {"bf16": 989e12, "fp16": 989e12, "no": 495e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "no": 156e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "no": 60e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "no": 83e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[precision]
+    return None
+
+
+def get_lr(step: int, config: RunConfig) -> float:
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat."""
+    t = config.train
+    if step < t.warmup_iters:
+        return t.learning_rate * (step + 1) / (t.warmup_iters + 1)
+    decay_iters = t.resolved_lr_decay_iters
+    if step >= decay_iters:
+        return t.resolved_min_lr
+    ratio = (step - t.warmup_iters) / (decay_iters - t.warmup_iters)
+    return t.resolved_min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.resolved_min_lr)
+
+
+# --- setup: everything that can fail without touching data or devices ----------------------------
+
+def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConfig, Path | None]:
+    """Load and validate the config and decide where to start. Raises before any work is done."""
+    config = load_run_config(config_path, overrides)
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
+    if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA device: use bf16 or no on CPU")
+    out_dir = Path(config.train.out_dir)
+    start_from = latest_checkpoint(out_dir)
+    if start_from is not None and not resume:
+        raise ConfigError(
+            f"train.out_dir={out_dir} already holds checkpoints (latest {start_from.name}): pass --resume to continue "
+            "that run, or choose another --train.out_dir"
+        )
+    if start_from is not None:
+        saved = json.loads((start_from / "run_config.json").read_text())
+        current = config.to_dict()
+        diffs = [f"{section}.{k}: checkpoint {saved[section].get(k)!r}, config {v!r}"
+                 for section in ("model", "data") for k, v in current[section].items() if saved[section].get(k) != v]
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {start_from}: the config differs from the run's ({'; '.join(diffs)}); "
+                "resume with the run's own config, or start a new out_dir"
+            )
+    return config, start_from
+
+
+# --- the distributed environment ------------------------------------------------------------------
+
+def check_world_size(joined: int) -> None:
+    """Refuse to train when the launcher started more processes than joined the process group.
+
+    Launching mistakes (`--multi_gpu` without GPUs and a plain Accelerator(), torchrun with a
+    config that disables distribution, ...) start N processes that each believe they are rank 0:
+    they train N unsynchronised copies and overwrite each other's checkpoints.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != joined:
+        raise TrainingError(
+            f"the launcher started WORLD_SIZE={launched} processes but {joined} joined the process group "
+            "(each would train alone as rank 0): on a machine without GPUs launch with "
+            "--config_file configs/accelerate/cpu_ddp.yaml, or set ACCELERATE_USE_CPU=1"
+        )
+
+
+def make_accelerator(config: RunConfig):
+    """An Accelerator that really synchronises, on GPUs or on CPU processes (gloo)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    t = config.train
+    # Without a GPU, DDP over CPU processes needs Accelerator(cpu=True): otherwise each process
+    # started by `accelerate launch --multi_gpu` initialises no process group and believes it is rank 0.
+    use_cpu = t.device == "cpu" or not torch.cuda.is_available()
+    log_with = None
+    if t.tensorboard:
+        if importlib.util.find_spec("tensorboard") is not None:
+            log_with = "tensorboard"
+        else:
+            print("train.tensorboard=true but tensorboard is not installed (pip install tensorboard); not logging it",
+                  file=sys.stderr)
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=str(Path(t.out_dir) / "tensorboard")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+    )
+    check_world_size(accelerator.num_processes)
+    if use_cpu:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(t.threads or max(1, cores // local))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def environment_report(accelerator, config: RunConfig, model: GPT) -> dict:
+    import accelerate
+
+    return {
+        "config": config.to_dict(),
+        "model_parameters": model.num_parameters(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "accelerate": accelerate.__version__, "gpt": __import__("gpt").__version__},
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "distributed_type": str(accelerator.distributed_type),
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+# --- evaluation and checkpoints -------------------------------------------------------------------
+
+@torch.no_grad()
+def validate(model, corpus: TokenizedCorpus, config: RunConfig, accelerator) -> dict[str, float]:
+    """Mean loss over eval_iters fixed batches per process of each split, averaged over all ranks."""
+    model.eval()
+    t, block = config.train, config.model.block_size
+    losses = {}
+    for split in ("train", "val"):
+        total = torch.zeros((), device=accelerator.device)
+        for i in range(t.eval_iters):
+            x, y = get_batch(corpus.split(split), t.batch_size, block, t.seed, split, i, accelerator.process_index,
+                             evaluation=True)
+            with accelerator.autocast():
+                total += model(x.to(accelerator.device), y.to(accelerator.device)).loss.float()
+        losses[split] = accelerator.gather_for_metrics((total / t.eval_iters).reshape(1)).mean().item()
+    model.train()
+    return losses
+
+
+def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConfig, step: int, meta: dict) -> Path:
+    """Write checkpoints/step-NNNNNN atomically: a temporary folder, renamed once complete.
+
+    Every process takes part (each saves its RNG state); the main process writes the model files,
+    renames, moves the `latest` pointer and prunes to the newest keep_checkpoints.
+    """
+    root = Path(config.train.out_dir) / "checkpoints"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # optimizer, RNG states, grad scaler; weights via the hook below
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        write_model_files(tmp, unwrapped, corpus.tokenizer, {"step": step, **meta}, config.to_dict())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        for old in list_checkpoints(config.train.out_dir)[: -config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _skip_weights_in_save_state(models, weights, output_dir) -> None:
+    weights.clear()  # the checkpoint's model.safetensors is written with plain keys by write_model_files
+
+
+def _load_weights_for_load_state(models, input_dir) -> None:
+    from accelerate.utils import extract_model_from_parallel
+
+    for model in models:
+        load_weights(extract_model_from_parallel(model, keep_torch_compile=False), Path(input_dir))
+    models.clear()  # already loaded; Accelerate restores the optimizer and RNG states
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+def append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint: the resumed run writes them again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfig, start_step: int,
+        console: TrainingConsole, flops_per_token: float) -> dict:
+    t, block = config.train, config.model.block_size
+    out_dir = Path(t.out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+    world = accelerator.num_processes
+    tokens_per_step = t.batch_size * block * t.gradient_accumulation_steps * world
+    peak = peak_flops(accelerator.device, accelerator.mixed_precision)
+    train_data = corpus.train
+    last = {"step": start_step}
+    model.train()
+    timer, timed_steps = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=accelerator.device)
+
+    for step in range(start_step, t.max_iters):
+        lr = get_lr(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(t.gradient_accumulation_steps):
+            shard = micro * world + accelerator.process_index
+            x, y = get_batch(train_data, t.batch_size, block, t.seed, "train", step, shard)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = model(x.to(accelerator.device, non_blocking=True),
+                                 y.to(accelerator.device, non_blocking=True)).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+        timed_steps += 1
+        done = step + 1
+
+        evaluated = done % t.eval_interval == 0 or done == t.max_iters
+        saving = done % t.checkpoint_interval == 0 or done == t.max_iters
+        if done % t.log_interval == 0 or evaluated or saving:
+            # the mean train loss since the last log, over all ranks; checked before any save, so a
+            # diverged model is never checkpointed
+            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / (
+                timed_steps * t.gradient_accumulation_steps)
+            if not math.isfinite(mean_loss):
+                latest = latest_checkpoint(out_dir)
+                raise TrainingError(
+                    f"loss became {mean_loss} by step {done}: training diverged; lower train.learning_rate or "
+                    f"raise train.warmup_iters; the last good checkpoint is {latest or 'none'}"
+                )
+            elapsed = time.perf_counter() - timer
+            tps = tokens_per_step * timed_steps / elapsed
+            mfu = flops_per_token * tps / (peak * world) if peak else None
+            console.step(done, mean_loss, lr, tps, mfu)
+            if accelerator.is_main_process:
+                append_metrics(metrics_path, {"step": done, "train_loss": mean_loss, "lr": lr,
+                                              "tokens_per_s": tps, "mfu": mfu, "time": time.time()})
+            accelerator.log({"train/loss": mean_loss, "lr": lr, "tokens_per_s": tps}, step=done)
+            last.update(step=done, train_loss=mean_loss, tokens_per_s=tps, mfu=mfu)
+            loss_sum.zero_()
+            timer, timed_steps = time.perf_counter(), 0
+
+        if evaluated:
+            losses = validate(model, corpus, config, accelerator)
+            console.evaluation(done, losses["train"], losses["val"])
+            if accelerator.is_main_process:
+                append_metrics(metrics_path, {"step": done, "eval_train_loss": losses["train"],
+                                              "val_loss": losses["val"], "time": time.time()})
+            accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"]}, step=done)
+            last.update(eval_train_loss=losses["train"], val_loss=losses["val"])
+            if not math.isfinite(losses["val"]):
+                raise TrainingError(f"validation loss is {losses['val']} at step {done}: training diverged; "
+                                    f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}")
+
+        if saving:
+            path = save_checkpoint(accelerator, model, corpus, config, done,
+                                   {k: v for k, v in last.items() if k != "step"})
+            console.log(f"saved {path}")
+        if evaluated or saving:
+            timer = time.perf_counter()  # keep evaluation and saving out of tokens/s
+    return last
+
+
+class TrainResult(NamedTuple):
+    metrics: dict  # the last logged and evaluated values
+    model: GPT  # the trained model, unwrapped from DDP and torch.compile
+
+
+def main(config: RunConfig, start_from: Path | None) -> TrainResult:
+    """Train per `config`, continuing from checkpoint `start_from` if given."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(config)
+    t = config.train
+    out_dir = Path(t.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with accelerator.main_process_first():  # the main process downloads and tokenizes, the rest reuse its cache
+        corpus = prepare(config.data)
+    model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
+    for split in ("train", "val"):
+        if len(corpus.split(split)) <= model_config.block_size:
+            raise TrainingError(
+                f"the {split} split has {len(corpus.split(split))} tokens, not more than block_size="
+                f"{model_config.block_size}: use a longer text, a smaller model.block_size or another data.val_fraction"
+            )
+
+    set_seed(t.seed)  # same initial weights on every rank
+    model = GPT(model_config)
+    flops_per_token = model.flops_per_token()
+    report = environment_report(accelerator, config, model)
+    # fused AdamW: one kernel for all parameters, on CUDA and (since torch 2.4) on CPU
+    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
+                                  betas=(t.beta1, t.beta2), fused=True)
+    if t.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_save_state_pre_hook(_skip_weights_in_save_state)
+    accelerator.register_load_state_pre_hook(_load_weights_for_load_state)
+
+    start_step = 0
+    if start_from is not None:
+        accelerator.load_state(str(start_from))
+        start_step = read_meta(start_from)["step"]
+    if accelerator.is_main_process:
+        if start_from is None:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        (out_dir / "run.json").write_text(json.dumps({**report, "resumed_from": str(start_from or "")}, indent=2))
+    if t.tensorboard:
+        accelerator.init_trackers("gpt", config={k: v for k, v in vars(t).items() if v is not None})
+
+    console = TrainingConsole(t.max_iters, start_step, enabled=accelerator.is_main_process)
+    console.log(
+        f"gpt {report['versions']['gpt']} · torch {torch.__version__} · {report['device_name']} "
+        f"({report['device']}) · world size {report['world_size']} · precision {report['mixed_precision']} · "
+        f"{torch.get_num_threads()} threads/process"
+    )
+    console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
+                f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
+                f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {out_dir}")
+    console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
+    try:
+        last = fit(accelerator, model, optimizer, corpus, config, start_step, console, flops_per_token)
+    finally:
+        console.close()
+    if t.tensorboard:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return TrainResult(last, accelerator.unwrap_model(model, keep_torch_compile=False))

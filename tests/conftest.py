@@ -1,0 +1,61 @@
+"""Shared test setup: one torch thread, the shared TinyShakespeare copy, a fresh token cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# One thread per process: tests run beside each other and beside subprocesses on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+# Use the shared corpus when it is there (CI and developer machines); else the loader's own
+# resolution applies (the user cache, or a download on a machine with internet).
+_shared = ROOT.parent / "shared" / "data"
+if "GPT_DATA_DIR" not in os.environ and (_shared / "tinyshakespeare" / "input.txt").is_file():
+    os.environ["GPT_DATA_DIR"] = str(_shared)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """A token cache of this session's own, so tests never read a stale one."""
+    if "GPT_TEST_KEEP_CACHE" not in os.environ:
+        os.environ["GPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("gpt-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Training in-process creates an Accelerator; reset its singleton state around each test."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: this repo importable, one thread, the same data and cache."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env

@@ -1,0 +1,39 @@
+"""Test helper: train under any launcher and save each rank's final weights as rank{N}.safetensors.
+
+    accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/ddp_probe.py CONFIG [--fail-rank R] ...
+
+--fail-rank/--fail-step make one rank raise in the middle of training, to check the job ends.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors.torch import save_file  # noqa: E402
+
+import launch.train as train  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("config")
+parser.add_argument("--fail-rank", type=int, default=None)
+parser.add_argument("--fail-step", type=int, default=5)
+args, overrides = parser.parse_known_args()
+rank = int(os.environ.get("RANK", "0"))
+
+if args.fail_rank == rank:
+    real_get_batch = train.get_batch
+
+    def failing_get_batch(*a, **k):
+        if a[5] >= args.fail_step:  # step
+            raise RuntimeError(f"injected failure on rank {rank}")
+        return real_get_batch(*a, **k)
+
+    train.get_batch = failing_get_batch
+
+config, start = train.setup(args.config, overrides, resume=False)
+result = train.main(config, start)
+state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+save_file(state, str(Path(config.train.out_dir) / f"rank{rank}.safetensors"))

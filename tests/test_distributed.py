@@ -1,0 +1,87 @@
+"""DDP through `accelerate launch` on CPU processes (gloo): really synchronised, really equivalent."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, subprocess_env
+
+pytestmark = pytest.mark.slow
+PROBE = str(ROOT / "tests" / "ddp_probe.py")
+COMMON = ["--train.max_iters=20", "--train.log_interval=5", "--train.eval_interval=20",
+          "--train.checkpoint_interval=20", "--train.batch_size=4"]
+
+
+def accelerate(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(out_dir):
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in records if "train_loss" in r]
+
+
+def assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_global_batch(tmp_path):
+    ddp = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY),
+                     f"--train.out_dir={tmp_path / 'ddp'}", *COMMON)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2
+    rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert_same(rank0, rank1)  # synchronised: the two replicas end bit-identical
+
+    # one process accumulating 2 micro-batches sees the same global batch as 2 ranks of 1
+    single = subprocess.run([sys.executable, PROBE, str(TINY), f"--train.out_dir={tmp_path / 'one'}", *COMMON,
+                             "--train.gradient_accumulation_steps=2"], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stdout + single.stderr
+    assert_same(rank0, load_file(str(tmp_path / "one" / "rank0.safetensors")), exact=False)
+    torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "ddp")),
+                               torch.tensor(train_losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback(tmp_path):
+    port = free_port()
+    out = tmp_path / "nodes"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+         "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), PROBE, str(TINY), f"--train.out_dir={out}", *COMMON],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert_same(load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors")))
+
+
+def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
+    start = time.time()
+    proc = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY),
+                      f"--train.out_dir={tmp_path}", *COMMON, "--fail-rank", "1", "--fail-step", "5",
+                      "--train.dist_timeout_s=30", timeout=120)
+    assert proc.returncode != 0
+    assert time.time() - start < 60
+    assert "injected failure on rank 1" in proc.stdout + proc.stderr
