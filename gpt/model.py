@@ -171,7 +171,8 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
             else:
                 position_ids = torch.arange(P, P + T, device=device).expand(B, T)  # (B, T)
-        if not torch.compiler.is_compiling() and P + T > self.config.block_size and attention_mask is None:
+        # (with an attention_mask, positions come from it; the check would also add shape guards to an export)
+        if attention_mask is None and not torch.compiler.is_compiling() and P + T > self.config.block_size:
             raise ValueError(
                 f"{P + T} tokens exceed block_size={self.config.block_size}: crop the context "
                 "(gpt.sampling.refill_context) before calling the model"

@@ -1,0 +1,46 @@
+"""Command line: parse, call export.exporter.export, turn errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a training run (its latest checkpoint) or a checkpoint folder to a verified ONNX "
+        "model with a KV cache: model.onnx + manifest.json, checked against PyTorch before it is written.",
+        epilog="Example: python -m export runs/shakespeare_char_cpu exports/shakespeare_char_cpu --int8",
+    )
+    parser.add_argument("source", help="a run's out_dir, or one of its checkpoints/step-NNNNNN folders")
+    parser.add_argument("export_dir", help="folder to write (must be new or empty, unless --force)")
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantization)")
+    parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (fp16 weights, fp32 I/O)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    import torch
+
+    from export.exporter import export
+    from gpt.checkpoint import CheckpointError
+    from gpt.config import ConfigError
+    from serve.manifest import ExportError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, opset=args.opset,
+                          force=args.force)
+    except (ExportError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = ", ".join(manifest["files"].values())
+    print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

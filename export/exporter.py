@@ -1,0 +1,368 @@
+"""A checkpoint to a verified ONNX export folder.
+
+    export()   load the checkpoint → trace one graph for prefill and decode → onnx checker →
+               parity against PyTorch on a grid of shapes → 200 greedy tokens identical →
+               optional int8 / fp16 variants with their validation-loss change → manifest.json
+
+The graph has no `If` node: a zero-length past is the prefill case. The folder is built under a
+temporary name and renamed at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gpt.checkpoint import load_checkpoint, resolve_checkpoint
+from gpt.generate import generate as torch_generate
+from gpt.model import GPT
+from gpt.sampling import SamplingParams
+from serve.manifest import FORMAT, FORMAT_VERSION, VARIANTS, ExportError, input_names, output_names
+from serve.runtime import OnnxModel
+from serve.runtime import generate as ort_generate
+
+DEFAULT_OPSET = 18
+FP32_TOLERANCE = 1e-4  # max |Δlogits| / max |logits|
+QUANTIZED_LOSS_WARNING = 0.05  # nats of validation loss
+
+
+class ExportGraph(nn.Module):
+    """The graph's signature: named tensors in, named tensors out, in the Optimum convention."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        past = [(k, v) for k, v in past_key_values]
+        out = self.model(input_ids, past=past, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True)
+        return out.logits, [(k, v) for k, v in out.present]
+
+
+def example_inputs(model: GPT, batch: int, seq: int, past: int, left_pad: int = 0, seed: int = 0):
+    """Inputs for the graph: `past` cached tokens and `seq` new ones, the first `left_pad` of them padding."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask[:, :left_pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    cache = [(torch.randn(batch, c.num_heads, past, c.head_dim, generator=g),
+              torch.randn(batch, c.num_heads, past, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+    return ids, mask, positions, cache
+
+
+def _torch_export(model: GPT, path: Path, opset: int) -> str:
+    """Trace with the dynamo exporter (TorchScript as the fallback); returns which one worked."""
+    from torch.export import Dim
+
+    L = model.config.num_layers
+    graph = ExportGraph(model).eval()
+    # example sizes for dynamic dims must not be 0 or 1, or the exporter specialises on them
+    args = example_inputs(model, batch=2, seq=3, past=4)
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    cache_shape = {0: batch, 2: past}
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},  # past + sequence: related by the graph itself
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": [(cache_shape, cache_shape) for _ in range(L)],
+    }
+    names = dict(input_names=input_names(L), output_names=output_names(L))
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=True,
+                              external_data=False, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                              optimize=True, **names)
+        _name_mask_dim(path)
+        return "dynamo"
+    except Exception as e:  # the TorchScript exporter is the fallback
+        first_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for n in names["input_names"][3:]:
+        axes[n] = {0: "batch", 2: "past_sequence"}
+    for n in names["output_names"][1:]:
+        axes[n] = {0: "batch", 2: "total_sequence"}
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=False,
+                              dynamic_axes=axes, opset_version=opset, **names)
+        return f"torchscript (dynamo failed: {first_error})"
+    except Exception as e:
+        raise ExportError(f"both ONNX exporters failed: dynamo: {first_error}; torchscript: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _name_mask_dim(path: Path) -> None:
+    """Give attention_mask's length the name the exporter gave the present outputs' length."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dim = next(i for i in model.graph.input if i.name == "attention_mask").type.tensor_type.shape.dim[1]
+    old, new = dim.dim_param, "past_sequence + sequence"
+    if not old or old == new:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param == old:
+                d.dim_param = new
+    onnx.save(model, str(path))
+
+
+def check_graph(path: Path) -> dict:
+    """onnx's full checker, and the promise that prefill and decode share one graph without `If`."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    ops: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+
+    walk(model.graph)
+    if "If" in ops:
+        raise ExportError(f"{path.name} has {ops['If']} If node(s): the export must be one straight graph")
+
+    def shape(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.input],
+        "outputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.output],
+        "nodes": sum(ops.values()),
+    }
+
+
+PARITY_GRID = [(b, p, t, pad) for b in (1, 2, 3) for p in (0, 1, 5) for t in (1, 4) for pad in (False, True)]
+
+
+def parity_grid(model: GPT, runtime: OnnxModel) -> dict:
+    """ORT against PyTorch over batch 1-3, past 0/1/5, sequence 1/4, with and without left padding."""
+    worst, cases = 0.0, []
+    for batch, past, seq, pad in PARITY_GRID:
+        left_pad = min(2, past + seq - 1) if pad else 0
+        ids, mask, positions, cache = example_inputs(model, batch, seq, past, left_pad, seed=len(cases))
+        if pad and batch > 1:
+            mask[0, :] = 1  # the first row unpadded, the others padded: a real mixed batch
+            positions[0] = torch.arange(past, past + seq)
+        with torch.no_grad():
+            ref = model(ids, past=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+        host = [t.numpy() for kv in cache for t in kv]
+        logits, present = runtime.run(ids.numpy(), mask.numpy(), positions.numpy(), runtime.to_device(host))
+        scale = float(ref.logits.abs().max())
+        err = float(np.abs(logits - ref.logits.numpy()).max()) / scale
+        present_err = max(float(np.abs(p - t.numpy()).max()) for p, t in
+                          zip(runtime.to_host(present), [t for kv in ref.present for t in kv]))
+        worst = max(worst, err)
+        cases.append({"batch": batch, "past": past, "sequence": seq, "left_padding": pad,
+                      "max_rel_logit_error": err, "max_abs_cache_error": present_err})
+    return {"cases": len(cases), "max_rel_logit_error": worst, "tolerance": FP32_TOLERANCE,
+            "passed": worst <= FP32_TOLERANCE, "grid": cases}
+
+
+def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
+    prompt = runtime.tokenizer.decode([i % runtime.vocab_size for i in range(1, 9)])
+    ids = runtime.tokenizer.encode(prompt)
+    ref = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True)))
+    events = list(ort_generate(runtime, prompt, tokens, SamplingParams(greedy=True)))
+    got = events[-1].sequence.generated
+    first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+    return {"tokens": tokens, "identical": ref == got, "first_difference": first}
+
+
+def validation_loss(runtime: OnnxModel, windows: np.ndarray) -> float:
+    """Mean next-token cross-entropy of the model over fixed validation windows (N, block+1)."""
+    total, count = 0.0, 0
+    for chunk in np.array_split(windows, max(1, len(windows) // 4)):
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        B, T = x.shape
+        mask = np.ones((B, T), np.int64)
+        positions = np.broadcast_to(np.arange(T), (B, T))
+        logits, _ = runtime.run(x, mask, positions, runtime.empty_cache(B))
+        logits = logits.astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total += -np.take_along_axis(logp, y[..., None], -1).sum()
+        count += y.size
+    return float(total / count)
+
+
+def validation_windows(checkpoint: Path, block_size: int, count: int) -> tuple[np.ndarray | None, str]:
+    """Fixed windows of the run's held-out split, or None and the reason it is unavailable."""
+    from gpt.config import DataConfig
+    from gpt.data import DataError, prepare
+
+    try:
+        data = DataConfig(**json.loads((checkpoint / "run_config.json").read_text())["data"])
+        corpus = prepare(data)
+    except (DataError, OSError, TypeError, KeyError) as e:
+        return None, f"held-out data unavailable ({str(e).splitlines()[0][:200]})"
+    val = corpus.val
+    if len(val) <= block_size + 1:
+        return None, f"held-out split has {len(val)} tokens, too few for one window"
+    starts = np.linspace(0, len(val) - block_size - 1, count).astype(np.int64)
+    return np.stack([np.asarray(val[s:s + block_size + 1], dtype=np.int64) for s in starts]), ""
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime's dynamic int8 quantization (weights int8, activations quantized per call), after
+    its recommended pre-processing (shape inference and graph optimisation)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_suffix(".pre.onnx")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    pre.unlink()
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and compute, fp32 graph inputs and outputs (so callers need no change)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends its input casts after their users
+    onnx.save(model, str(dst))
+
+
+def _topological_sort(graph) -> None:
+    """Reorder a graph's nodes so each comes after the producers of its inputs (Kahn's algorithm)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("the fp16 graph has a cycle or a dangling input; export without --fp16")
+        for n in ready:
+            available.update(n.output)
+            ordered.append(n)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
+           opset: int = DEFAULT_OPSET, force: bool = False, eval_windows: int = 32,
+           log: Callable[[str], None] = print) -> dict:
+    """Export a run's latest checkpoint (or a checkpoint folder) to `export_dir`; returns the manifest."""
+    export_dir = Path(export_dir)
+    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
+        if not force:
+            raise ExportError(f"{export_dir} exists and is not empty: pass --force to replace it, or choose another "
+                              "EXPORT_DIR")
+    checkpoint = resolve_checkpoint(source)
+    model, tokenizer, meta = load_checkpoint(checkpoint)
+    model.float().eval()
+    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        started = time.time()
+        exporter = _torch_export(model, tmp / VARIANTS["fp32"], opset)
+        graph = check_graph(tmp / VARIANTS["fp32"])
+        log(f"exported {checkpoint} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
+
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "model": asdict(model.config), "vocab": tokenizer.to_dict(),
+            "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
+            "files": {"fp32": VARIANTS["fp32"]},
+            "export_options": {"int8": int8, "fp16": fp16, "opset": opset, "exporter": exporter,
+                               "torch": torch.__version__},
+            "source": {"checkpoint": str(checkpoint), "step": meta.get("step"),
+                       "model_sha256": sha256(checkpoint / "model.safetensors")},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        runtime = OnnxModel(tmp, threads=0)
+        parity = parity_grid(model, runtime)
+        greedy = greedy_parity(model, runtime)
+        manifest["parity"] = {"fp32": parity | {"grid": parity["grid"]}, "greedy": greedy}
+        log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
+            f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
+        if not parity["passed"]:
+            raise ExportError(f"ONNX Runtime and PyTorch disagree: max |Δlogits|/scale "
+                              f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; the export is not usable")
+        if not greedy["identical"]:
+            raise ExportError(f"greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
+                              f"{greedy['tokens']}; the export is not usable")
+
+        if int8 or fp16:
+            windows, why = validation_windows(checkpoint, model.config.block_size, eval_windows)
+            base = validation_loss(runtime, windows) if windows is not None else None
+            quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows)}
+            for flag, variant, make in ((int8, "int8", quantize_int8), (fp16, "fp16", convert_fp16)):
+                if not flag:
+                    continue
+                make(tmp / VARIANTS["fp32"], tmp / VARIANTS[variant])
+                check_graph(tmp / VARIANTS[variant])
+                manifest["files"][variant] = VARIANTS[variant]
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                quantized = OnnxModel(tmp, variant=variant)
+                probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]],
+                                      quantized.empty_cache(2))[0]
+                if not np.isfinite(probe).all():
+                    raise ExportError(f"the {variant} model produces NaN/inf logits; export without --{variant}")
+                entry = {"file": VARIANTS[variant]}
+                if windows is not None:
+                    loss = validation_loss(quantized, windows)
+                    entry |= {"val_loss": loss, "val_loss_change": loss - base}
+                    log(f"{variant}: validation loss {loss:.4f} vs fp32 {base:.4f} ({loss - base:+.4f} nats)")
+                    if loss - base > QUANTIZED_LOSS_WARNING:
+                        log(f"warning: {variant} raises validation loss by {loss - base:.3f} nats "
+                            f"(> {QUANTIZED_LOSS_WARNING}); prefer the fp32 model where quality matters")
+                else:
+                    entry["val_loss"] = None
+                    entry["note"] = why
+                    log(f"{variant}: validation loss not measured: {why}")
+                quality[variant] = entry
+            manifest["quality"] = quality
+        manifest["export_seconds"] = round(time.time() - started, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if export_dir.exists():
+            shutil.rmtree(export_dir) if export_dir.is_dir() else export_dir.unlink()
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, export_dir)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

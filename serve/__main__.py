@@ -1,0 +1,78 @@
+"""Generate text from an export folder with onnxruntime, streaming it to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+MAX_NEW_TOKENS = 100_000
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="Generate text from an export folder (python -m export) with onnxruntime; no torch needed. "
+        "Text streams to stdout; time to first token and tokens/s go to stderr.",
+        epilog='Example: python -m serve exports/shakespeare_char_cpu --prompt "ROMEO:" --max-new-tokens 300',
+    )
+    parser.add_argument("export_dir")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text to continue; repeat for a batch of prompts, decoded together")
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument("--model", choices=["fp32", "int8", "fp16"], default="fp32", help="which exported model")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from gpt.sampling import SamplingParams
+    from serve.manifest import ExportError
+    from serve.runtime import OnnxModel, generate, validate_request
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+        model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model)
+        for prompt in args.prompt:
+            validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
+        model.warmup()
+        start = time.perf_counter()
+        first, tokens = None, 0
+        several = len(args.prompt) > 1
+        texts = [""] * len(args.prompt)
+        if not several:
+            sys.stdout.write(args.prompt[0])
+        for event in generate(model, args.prompt, args.max_new_tokens, params, args.seed, args.stop,
+                              limit=MAX_NEW_TOKENS):
+            tokens += 1
+            if first is None:
+                first = time.perf_counter() - start
+            if several:
+                texts[event.sequence.tag] += event.text
+            else:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        elapsed = time.perf_counter() - start
+    except (ExportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    if several:
+        for prompt, text in zip(args.prompt, texts):
+            sys.stdout.write(f"--- {prompt!r}\n{prompt}{text}\n")
+    else:
+        sys.stdout.write("\n")
+    rate = tokens / (elapsed - first) if tokens > 1 and elapsed > first else 0.0
+    print(f"[{args.model} on {args.device}: {tokens} tokens, time to first token {first * 1000:.1f} ms, "
+          f"{rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,296 @@
+"""Generation with onnxruntime alone: the exported graph, a KV cache, and a batch of sequences.
+
+`OnnxModel` wraps one session. Inputs and outputs go through IO binding, so the cache (`present`
+of one step is `past_key_values` of the next) stays where the model runs, on the GPU with CUDA,
+and only the last logits come back to the host.
+
+`Batch` decodes many sequences in one call per step. Sequences are left-padded: the attention
+mask marks real tokens, and each sequence's positions count its own real tokens, so a sequence
+gets the same logits in a batch as alone. Sequences join (prefilled, then spliced in), leave
+(finished) and refill their window past `block_size` (the `gpt.sampling.refill_context` policy of
+the PyTorch reference) between steps. The server's continuous batching is this class.
+
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt.sampling import SamplingParams, refill_context, sample
+from gpt.tokenizer import CharTokenizer
+from serve.manifest import ExportError, model_path, read_manifest
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+class OnnxModel:
+    """One onnxruntime session over an export folder, with the cache kept on the device."""
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int = 0, variant: str = "fp32"):
+        ort = _ort()
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(export_dir)
+        self.tokenizer = CharTokenizer.from_dict(self.manifest["vocab"])
+        config = self.manifest["model"]
+        self.num_layers, self.num_heads = config["num_layers"], config["num_heads"]
+        self.head_dim = config["embedding_dim"] // config["num_heads"]
+        self.block_size, self.vocab_size = config["block_size"], config["vocab_size"]
+        self.input_names = [i["name"] for i in self.manifest["inputs"]]
+        self.output_names = [o["name"] for o in self.manifest["outputs"]]
+        if device not in ("cpu", "cuda"):
+            raise ExportError(f"device {device!r} is unknown: use cpu or cuda")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ExportError(
+                "device cuda needs onnxruntime-gpu, and this onnxruntime has only "
+                f"{', '.join(ort.get_available_providers())}: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.variant = variant
+        self.session = ort.InferenceSession(str(model_path(export_dir, self.manifest, variant)), options,
+                                            providers=providers)
+        self.device = device
+        self._empty = np.zeros((0, self.num_heads, 0, self.head_dim), dtype=np.float32)
+
+    def warmup(self) -> None:
+        """One prefill and one decode step, so the first real request does not pay for initialisation."""
+        ids = np.zeros((1, 2), np.int64)
+        _, cache = self.run(ids, np.ones((1, 2), np.int64), np.arange(2)[None], self.empty_cache(1))
+        self.run(ids[:, :1], np.ones((1, 3), np.int64), np.array([[2]]), cache)
+
+    # cache helpers: the cache is a list of 2 * num_layers OrtValues, each (B, H, P, D)
+    def to_device(self, arrays: Iterable[np.ndarray]) -> list[Any]:
+        ort = _ort()
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays]
+
+    def to_host(self, cache: list[Any]) -> list[np.ndarray]:
+        return [v.numpy() for v in cache]
+
+    def empty_cache(self, batch: int) -> list[Any]:
+        shape = (batch, self.num_heads, 0, self.head_dim)
+        return self.to_device(np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers))
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+            past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One forward: logits (B, T, V) on the host, the extended cache on the device."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.input_names[3:], past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+
+def validate_request(tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, limit: int) -> list[int]:
+    """Token ids of a prompt, or a one-line ValueError naming what is wrong."""
+    if not isinstance(prompt, str) or prompt == "":
+        raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from 1 to {limit}")
+    return tokenizer.encode(prompt)
+
+
+@dataclass
+class Sequence:
+    """One prompt being continued, with its own sampling settings and random stream."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    tag: Any = None  # the caller's handle (request id, index)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    context: list[int] = field(default_factory=list)  # tokens the cache covers, plus the one to feed next
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be forming
+
+    def accept(self, token: int, piece: str) -> None:
+        self.generated.append(token)
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        for s in self.stop:
+            at = self.text.find(s, start)
+            if at != -1:  # the stop string is not part of the completion
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+                return
+        if len(self.generated) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    def take_text(self) -> str:
+        """The text not yet handed out, holding back a possible start of a stop string."""
+        upto = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self._hold)
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+
+@dataclass
+class Event:
+    sequence: Sequence
+    text: str  # new text (may be empty)
+    finished: bool
+
+
+class Batch:
+    """Sequences decoded together, one onnxruntime call per step."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self.sequences: list[Sequence] = []
+        self.cache: list[Any] | None = None  # on the device, (B, H, W, D)
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, W): 1 where the cache holds a real token
+        self.logits = np.zeros((0, model.vocab_size), dtype=np.float32)  # (B, V): next-token logits
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    # --- building the batch ----------------------------------------------------------------------
+
+    def _prefill(self, contexts: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Run left-padded contexts from an empty cache: (host cache, mask, last logits)."""
+        width = max(len(c) for c in contexts)
+        B = len(contexts)
+        if width == 0:
+            shape = (B, self.model.num_heads, 0, self.model.head_dim)
+            return ([np.zeros(shape, np.float32) for _ in range(2 * self.model.num_layers)],
+                    np.zeros((B, 0), np.int64), np.zeros((B, self.model.vocab_size), np.float32))
+        ids = np.zeros((B, width), np.int64)
+        mask = np.zeros((B, width), np.int64)
+        for i, c in enumerate(contexts):
+            if c:
+                ids[i, width - len(c):] = c
+                mask[i, width - len(c):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        logits, present = self.model.run(ids, mask, positions, self.model.empty_cache(B))
+        return self.model.to_host(present), mask, logits[:, -1]
+
+    @staticmethod
+    def _pad_left(arrays: list[np.ndarray], mask: np.ndarray, width: int) -> tuple[list[np.ndarray], np.ndarray]:
+        extra = width - mask.shape[1]
+        if extra == 0:
+            return arrays, mask
+        padded = [np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2) for a in arrays]
+        return padded, np.concatenate([np.zeros((mask.shape[0], extra), mask.dtype), mask], axis=1)
+
+    def _host_state(self) -> list[np.ndarray]:
+        return self.model.to_host(self.cache) if self.cache is not None else []
+
+    def _set_state(self, host: list[np.ndarray], mask: np.ndarray) -> None:
+        # drop leading columns that are padding for every sequence, so the cache is only as wide as needed
+        keep = int(np.argmax(mask.any(axis=0))) if mask.size and mask.any() else mask.shape[1]
+        host, mask = [a[:, :, keep:] for a in host], mask[:, keep:]
+        self.cache, self.mask = (self.model.to_device(host) if self.sequences else None), mask
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill new sequences together and splice them into the batch."""
+        if not sequences:
+            return
+        for s in sequences:
+            s.context = list(s.prompt_ids[-self.model.block_size:])
+        host_new, mask_new, logits_new = self._prefill([s.context for s in sequences])
+        if self.sequences:
+            host_old, mask_old = self._host_state(), self.mask
+            width = max(mask_old.shape[1], mask_new.shape[1])
+            host_old, mask_old = self._pad_left(host_old, mask_old, width)
+            host_new, mask_new = self._pad_left(host_new, mask_new, width)
+            host = [np.concatenate([a, b], axis=0) for a, b in zip(host_old, host_new)]
+            mask = np.concatenate([mask_old, mask_new], axis=0)
+            self.logits = np.concatenate([self.logits, logits_new], axis=0)
+        else:
+            host, mask, self.logits = host_new, mask_new, logits_new
+        self.sequences += sequences
+        self._set_state(host, mask)
+
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        gone = {id(s) for s in sequences}
+        keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
+        if len(keep) == len(self.sequences):
+            return
+        host = [a[keep] for a in self._host_state()]
+        self.sequences = [self.sequences[i] for i in keep]
+        self.logits = self.logits[keep]
+        self._set_state(host, self.mask[keep])
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Sample one token for every sequence, retire the finished ones, and run the model once."""
+        events, finished = [], []
+        for i, s in enumerate(self.sequences):
+            token = sample(self.logits[i], s.params, s.rng)
+            s.accept(token, self.model.tokenizer.chars[token])
+            events.append(Event(s, s.take_text(), s.finish_reason is not None))
+            if s.finish_reason:
+                finished.append(s)
+            else:
+                s.context.append(token)
+        self.remove(finished)
+        if not self.sequences:
+            return events
+
+        # A sequence whose window is full restarts its cache from the last half of its context
+        # (everything but the token fed below), as the PyTorch reference does.
+        full = [i for i, s in enumerate(self.sequences) if len(s.context) > self.model.block_size]
+        if full:
+            for i in full:
+                s = self.sequences[i]
+                s.context = refill_context(s.context, self.model.block_size)
+            host, mask = self._host_state(), self.mask
+            host_new, mask_new, _ = self._prefill([self.sequences[i].context[:-1] for i in full])
+            width = max(mask.shape[1], mask_new.shape[1])
+            host, mask = self._pad_left(host, mask, width)
+            host_new, mask_new = self._pad_left(host_new, mask_new, width)
+            for j, i in enumerate(full):
+                for a, b in zip(host, host_new):
+                    a[i] = b[j]
+                mask[i] = mask_new[j]
+            self._set_state(host, mask)
+
+        ids = np.array([[s.context[-1]] for s in self.sequences], np.int64)  # (B, 1)
+        positions = np.array([[len(s.context) - 1] for s in self.sequences], np.int64)  # (B, 1)
+        mask = np.concatenate([self.mask, np.ones((len(self.sequences), 1), np.int64)], axis=1)
+        logits, self.cache = self.model.run(ids, mask, positions, self.cache)
+        self.mask, self.logits = mask, logits[:, -1]
+        return events
+
+
+def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, params: SamplingParams | None = None,
+             seed: int = 0, stop: list[str] | None = None, limit: int = 100_000) -> Iterator[Event]:
+    """Continue one prompt or a batch of prompts, yielding text as it is generated.
+
+    Every prompt draws from its own random stream seeded with `seed`, so a prompt gives the same
+    text in a batch as alone.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    params = params or SamplingParams()
+    ids = [validate_request(model.tokenizer, p, max_new_tokens, limit) for p in prompts]
+    batch = Batch(model)
+    batch.add([Sequence(p, max_new_tokens, params, seed, list(stop or []), tag=i) for i, p in enumerate(ids)])
+    while len(batch):
+        yield from batch.step()
