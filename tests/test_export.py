@@ -1,0 +1,177 @@
+"""Export a tiny trained checkpoint, and hold the onnxruntime path to the PyTorch reference."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, subprocess_env
+from gpt.checkpoint import load_checkpoint
+from gpt.generate import generate as torch_generate
+from gpt.sampling import SamplingParams
+from serve.manifest import ExportError, input_names, output_names, read_manifest
+from serve.runtime import OnnxModel, generate
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}",
+                           "--train.max_iters=40"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(out), "--int8"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(run_dir, export_dir):
+    model, tokenizer, _ = load_checkpoint(run_dir)
+    return model, OnnxModel(export_dir, threads=1)
+
+
+def test_export_folder_and_manifest(export_dir, run_dir):
+    manifest = read_manifest(export_dir)
+    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx"]
+    assert [i["name"] for i in manifest["inputs"]] == input_names(2)
+    assert [o["name"] for o in manifest["outputs"]] == output_names(2)
+    assert manifest["inputs"][0]["shape"] == ["batch", "sequence"]
+    assert manifest["inputs"][3]["shape"] == ["batch", 4, "past_sequence", 8]
+    assert manifest["outputs"][1]["shape"] == ["batch", 4, "past_sequence + sequence", 8]
+    assert manifest["model"]["vocab_size"] == 65 and len(manifest["vocab"]["chars"]) == 65
+    assert manifest["source"]["step"] == 40 and len(manifest["source"]["model_sha256"]) == 64
+    parity = manifest["parity"]
+    assert parity["fp32"]["passed"] and parity["fp32"]["cases"] == 36
+    assert parity["fp32"]["max_rel_logit_error"] < 1e-4
+    assert parity["greedy"] == {"tokens": 200, "identical": True, "first_difference": None}
+    assert abs(manifest["quality"]["int8"]["val_loss_change"]) < 0.05
+
+
+def test_graph_has_no_if_node(export_dir):
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(export_dir / "model.onnx")).graph.node}
+    assert "If" not in ops and "Loop" not in ops
+
+
+@pytest.mark.parametrize("params", [SamplingParams(greedy=True), SamplingParams(temperature=0.8, top_k=30, top_p=0.95)],
+                         ids=["greedy", "sampled"])
+def test_ort_generation_equals_pytorch_past_block_size(models, params):
+    model, runtime = models
+    prompt = "ROMEO:\nWhat light"
+    n = 3 * model.config.block_size + 7  # refills the window several times
+    ref = list(torch_generate(model, runtime.tokenizer.encode(prompt), n, params, seed=11))
+    events = list(generate(runtime, prompt, n, params, seed=11))
+    assert events[-1].sequence.generated == ref
+    assert "".join(e.text for e in events) == runtime.tokenizer.decode(ref)
+    assert events[-1].finished and events[-1].sequence.finish_reason == "length"
+
+
+@pytest.mark.parametrize("params", [SamplingParams(greedy=True), SamplingParams(temperature=1.0)], ids=["greedy", "sampled"])
+def test_left_padded_batch_equals_prompts_one_by_one(models, params):
+    _, runtime = models
+    prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "O"]  # different lengths: left padding
+    n = 80  # past block_size=32 too, at different moments for each prompt
+    alone = [next(e for e in reversed(list(generate(runtime, p, n, params, seed=5)))).sequence.generated
+             for p in prompts]
+    together = {}
+    for e in generate(runtime, prompts, n, params, seed=5):
+        together[e.sequence.tag] = e.sequence.generated
+    assert [together[i] for i in range(3)] == alone
+
+
+def test_stop_strings_end_the_text_before_them(models):
+    _, runtime = models
+    full = "".join(e.text for e in generate(runtime, "ROMEO:", 60, SamplingParams(greedy=True)))
+    stop = full[10:12]
+    events = list(generate(runtime, "ROMEO:", 60, SamplingParams(greedy=True), stop=[stop]))
+    text = "".join(e.text for e in events)
+    assert text == full[: full.index(stop)] and events[-1].sequence.finish_reason == "stop"
+
+
+def test_int8_model_loads_and_generates(export_dir):
+    runtime = OnnxModel(export_dir, variant="int8", threads=1)
+    text = "".join(e.text for e in generate(runtime, "ROMEO:", 50, SamplingParams(temperature=0.8), seed=1))
+    assert len(text) == 50 and set(text) <= set(runtime.tokenizer.chars)
+
+
+def test_manifest_problems_say_what_to_do(export_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(export_dir, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ExportError, match="version 99; this build reads version 1: upgrade gpt"):
+        OnnxModel(broken)
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(ExportError, match="re-export it"):
+        OnnxModel(broken)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "model.onnx").unlink()
+    with pytest.raises(ExportError, match="model.onnx is missing"):
+        OnnxModel(broken)
+    with pytest.raises(ExportError, match="no fp16 model"):
+        OnnxModel(export_dir, variant="fp16")
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="manifest.json is missing"):
+        OnnxModel(broken)
+
+
+def test_export_refuses_to_overwrite(run_dir, export_dir):
+    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(export_dir)], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "--force" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _serve(*args):
+    return subprocess.run([sys.executable, "-m", "serve", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+
+
+def test_serve_cli_streams_text_and_reports_speed(export_dir):
+    proc = _serve(export_dir, "--prompt", "ROMEO:", "--max-new-tokens", "40", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout) == len("ROMEO:") + 40 + 1
+    assert "time to first token" in proc.stderr and "tokens/s" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "héllo"], "'é' at position 1"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "a", "--max-new-tokens", "-1"], "max_new_tokens=-1"),
+    (["--prompt", "a", "--max-new-tokens", "10000000"], "max_new_tokens=10000000"),
+    (["--prompt", "a", "--top-p", "0"], "top_p=0.0"),
+    (["--prompt", "a", "--device", "cuda"], "onnxruntime-gpu"),
+])
+def test_serve_cli_bad_input(export_dir, args, message):
+    proc = _serve(export_dir, *args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_serving_never_imports_torch(export_dir):
+    """The runtime and the CLI work where torch cannot be imported (as after `pip install .[serve]`)."""
+    code = (
+        "import sys, runpy; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        f"sys.argv = ['serve', {str(export_dir)!r}, '--prompt', 'ROMEO:', '--max-new-tokens', '20']\n"
+        "try:\n    runpy.run_module('serve', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "import serve.runtime, serve.manifest, gpt.tokenizer, gpt.sampling\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ROMEO:")
+
+
+@pytest.mark.parametrize("module", ["launch", "export", "serve"])
+def test_help(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
