@@ -7,30 +7,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import ROOT, subprocess_env
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
 from serve.manifest import ExportError, input_names, output_names, read_manifest
 from serve.runtime import OnnxModel, generate
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}",
-                           "--train.max_iters=40"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def export_dir(run_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "tiny"
-    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(out), "--int8"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,347 @@
+"""An OpenAI-compatible completions server on onnxruntime, with continuous batching and hard limits.
+
+    python -m serve.server EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--max-batch 16] ...
+
+FastAPI and uvicorn carry HTTP, validation and server-sent events. The model runs in one
+scheduler thread that owns a `serve.runtime.Batch`: between steps it admits waiting sequences
+(prefilled and spliced in), retires finished or abandoned ones, and decodes every active
+sequence with one onnxruntime call per step, so concurrent clients share each step instead of
+queueing behind each other. The event loop only parses requests and streams text.
+
+Imports no torch.
+"""
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpt.sampling import SamplingParams
+from serve.runtime import Batch, Event, OnnxModel, Sequence
+
+
+@dataclass
+class Limits:
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # sequences waiting or running; beyond it requests get 429 at once
+    max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_n: int = 8  # completions per prompt
+    max_prompts: int = 16  # prompts per request
+    max_body_bytes: int = 1 << 20
+    max_request_seconds: float = 300.0  # a request still running then ends with what it has
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    """One HTTP request's sequences and the channel their text comes back on."""
+
+    sequences: list[Sequence]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    deadline: float = 0.0
+
+
+class Scheduler:
+    """Owns the model: admits, steps and retires sequences in a thread of its own."""
+
+    def __init__(self, model: OnnxModel, limits: Limits):
+        self.model, self.limits = model, limits
+        self.batch = Batch(model)
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Condition()
+        self.active = 0  # sequences waiting or in the batch
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self.stopping = False
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    def submit(self, request: Request) -> None:
+        with self.lock:
+            if self.active + len(request.sequences) > self.limits.max_queue:
+                raise QueueFull()
+            self.active += len(request.sequences)
+            self.waiting.extend(request.sequences)
+            self.lock.notify()
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        request: Request = seq.tag[0]
+        request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    while not self.stopping and not self.waiting and not len(self.batch):
+                        self.lock.wait()
+                    if self.stopping:
+                        return
+                    room = self.limits.max_batch - len(self.batch)
+                    admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                now = time.monotonic()
+                # retire sequences whose client went away or whose time is up
+                dropped = [s for s in self.batch.sequences if s.tag[0].cancelled or now > s.tag[0].deadline]
+                for s in dropped:
+                    if not s.tag[0].cancelled:
+                        s.finish_reason = "length"
+                        self._deliver(s, Event(s, s.take_text(), True))
+                self.batch.remove(dropped)
+                gone = [s for s in admit if s.tag[0].cancelled]  # abandoned while waiting
+                self.batch.add([s for s in admit if not s.tag[0].cancelled])
+                released = len(dropped) + len(gone)
+                events = self.batch.step() if len(self.batch) else []
+                self.steps += 1
+                finished = 0
+                for event in events:
+                    if event.text or event.finished:
+                        self._deliver(event.sequence, event)
+                    finished += event.finished
+                with self.lock:
+                    self.active -= finished + released
+                    # sequences cancelled before they were admitted
+                    stale = [s for s in self.waiting if s.tag[0].cancelled]
+                    for s in stale:
+                        self.waiting.remove(s)
+                    self.active -= len(stale)
+        except Exception as e:  # keep the reason; /health turns 503 and requests get 500
+            self.error = f"{type(e).__name__}: {e}"
+            raise
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | None = None):
+    class CompletionRequest(BaseModel):
+        """The OpenAI completions request this server understands; any other field is an error."""
+
+        model_config = ConfigDict(extra="forbid")
+        model: str | None = None
+        prompt: str | list[str]
+        max_tokens: int = Field(16, ge=1, le=limits.max_new_tokens)
+        temperature: float = Field(1.0, ge=0.0, le=100.0)
+        top_p: float = Field(1.0, gt=0.0, le=1.0)
+        top_k: int | None = Field(None, ge=1)
+        seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
+        stop: str | list[str] | None = None
+        n: int = Field(1, ge=1, le=limits.max_n)
+        stream: bool = False
+        user: str | None = None  # accepted and ignored, as by OpenAI's server
+
+    scheduler = Scheduler(model, limits)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="gpt completions", version="1", lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    def fail(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+             code: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        problems = []
+        param = None
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", []) if p != "body"]
+            param = param or (loc[0] if loc else None)
+            if err.get("type") == "json_invalid":
+                problems.append("the body is not valid JSON")
+            elif err.get("type") == "extra_forbidden":
+                problems.append(f"unknown field {'.'.join(loc)!r}")
+            else:
+                problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
+        return fail(400, "; ".join(dict.fromkeys(problems)), param)
+
+    @app.middleware("http")
+    async def guard(request: HTTPRequest, call_next):
+        if api_key is not None:
+            header = request.headers.get("authorization", "")
+            if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
+                return fail(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                            kind="authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            return fail(413, f"request body over {limits.max_body_bytes} bytes")
+        if length is None and request.method == "POST":
+            return fail(411, "send the body with a Content-Length header")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if not scheduler.healthy:
+            return JSONResponse({"status": "unavailable", "error": scheduler.error}, status_code=503)
+        return {"status": "ok", "model": model_id, "active": scheduler.active}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "gpt"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        if body.model not in (None, model_id):
+            return fail(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
+                        "model", code="model_not_found")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts or len(prompts) > limits.max_prompts:
+            return fail(400, f"prompt must be a string or a list of 1 to {limits.max_prompts} strings", "prompt")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            return fail(400, "stop must be up to 4 non-empty strings", "stop")
+        try:
+            params = SamplingParams(temperature=body.temperature, top_k=body.top_k,
+                                    top_p=None if body.top_p == 1.0 else body.top_p)
+            ids = []
+            for p in prompts:
+                if p == "":
+                    raise ValueError("prompt is empty: give at least one character")
+                ids.append(model.tokenizer.encode(p))
+        except ValueError as e:
+            return fail(400, str(e), "prompt" if "prompt" in str(e) or "vocabulary" in str(e) else None)
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        request = Request([], asyncio.get_running_loop(), deadline=time.monotonic() + limits.max_request_seconds)
+        for i, p in enumerate(ids):
+            for j in range(body.n):
+                index = i * body.n + j
+                request.sequences.append(Sequence(p, body.max_tokens, params, seed + j, stops, tag=(request, index)))
+        try:
+            scheduler.submit(request)
+        except QueueFull:
+            return fail(429, f"the server is at its limit of {limits.max_queue} sequences; retry shortly",
+                        kind="rate_limit_error", code="queue_full")
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
+        prompt_tokens = sum(len(p) for p in ids)
+
+        if body.stream:
+            async def sse():
+                remaining = len(request.sequences)
+                try:
+                    while remaining:
+                        event: Event = await request.events.get()
+                        index = event.sequence.tag[1]
+                        reason = event.sequence.finish_reason if event.finished else None
+                        choice = {"text": event.text, "index": index, "logprobs": None, "finish_reason": reason}
+                        yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+                        remaining -= event.finished
+                    yield "data: [DONE]\n\n"
+                finally:
+                    request.cancelled = remaining > 0  # the client went away: free its slots
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        remaining = len(request.sequences)
+        try:
+            while remaining:
+                try:
+                    event = await asyncio.wait_for(request.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return fail(499, "client closed the request")
+                    continue
+                remaining -= event.finished
+        finally:
+            request.cancelled = remaining > 0
+        choices = [{"text": s.text, "index": s.tag[1], "logprobs": None, "finish_reason": s.finish_reason}
+                   for s in request.sequences]
+        completion_tokens = sum(len(s.generated) for s in request.sequences)
+        return {**head, "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
+                                                      "completion_tokens": completion_tokens,
+                                                      "total_tokens": prompt_tokens + completion_tokens}}
+
+    # Any other failure is a 500 in OpenAI's shape; the server goes on.
+    @app.exception_handler(Exception)
+    async def crashed(request, exc: Exception):
+        return fail(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+    return app
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.server",
+        description="Serve an export folder over an OpenAI-compatible HTTP API (POST /v1/completions, "
+        "GET /v1/models, GET /health) with onnxruntime and continuous batching.",
+        epilog="Example: python -m serve.server exports/shakespeare_char_cpu --port 8000",
+    )
+    parser.add_argument("export_dir")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=["fp32", "int8", "fp16"], default="fp32", help="which exported model")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="sequences waiting or running before 429")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens allowed")
+    parser.add_argument("--max-request-seconds", type=float, default=300.0)
+    parser.add_argument("--api-key", default=os.environ.get("GPT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else no key)")
+    parser.add_argument("--model-id", default=None, help="the name clients use (default: the export folder's)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from serve.manifest import ExportError
+
+    for name in ("max_batch", "max_queue", "max_new_tokens_limit"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model)
+        model.warmup()
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens_limit,
+                    max_request_seconds=args.max_request_seconds)
+    model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
+    app = create_app(model, limits, model_id, args.api_key)
+    print(f"serving {model_id} ({args.model} on {args.device}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

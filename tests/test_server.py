@@ -1,0 +1,241 @@
+"""The HTTP server, as a real process on loopback, over real HTTP."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT, subprocess_env
+from gpt.sampling import SamplingParams
+from serve.runtime import OnnxModel, generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(export_dir, *args):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
+                             "--threads", "1", *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"} if "--api-key" in args else {}
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if requests.get(f"{url}/health", headers=headers, timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become healthy in 60 s")
+
+
+@pytest.fixture(scope="module")
+def server(export_dir):
+    proc, url = start_server(export_dir, "--max-batch", "16", "--max-queue", "64", "--max-new-tokens-limit", "256")
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def expected(export_dir):
+    """What a request should produce: the runtime alone, one prompt at a time."""
+    model = OnnxModel(export_dir, threads=1)
+
+    def text(prompt, n, seed, temperature=1.0, top_p=None, top_k=None, stop=None):
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        return "".join(e.text for e in generate(model, prompt, n, params, seed, stop))
+    return text
+
+
+def complete(url, **body):
+    return requests.post(f"{url}/v1/completions", json=body, timeout=60)
+
+
+def test_health_and_models(server):
+    url, _ = server
+    assert requests.get(f"{url}/health").json()["status"] == "ok"
+    models = requests.get(f"{url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+
+
+def test_completion_matches_the_command_line(server, export_dir):
+    url, _ = server
+    r = complete(url, model="tiny", prompt="ROMEO:", max_tokens=30, temperature=0.8, seed=7)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and len(choice["text"]) == 30
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 30, "total_tokens": 36}
+    cli = subprocess.run([sys.executable, "-m", "serve", str(export_dir), "--prompt", "ROMEO:", "--max-new-tokens",
+                          "30", "--temperature", "0.8", "--seed", "7"], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True)
+    assert cli.stdout == "ROMEO:" + choice["text"] + "\n"
+
+
+def test_streaming_sends_pieces_then_done(server):
+    url, _ = server
+    whole = complete(url, prompt="JULIET:", max_tokens=25, seed=3).json()["choices"][0]["text"]
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "JULIET:", "max_tokens": 25, "seed": 3,
+                                                     "stream": True}, stream=True, timeout=60)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert len(chunks) > 1 and "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_list_prompts_n_and_stop(server, expected):
+    url, _ = server
+    body = complete(url, prompt=["ROMEO:", "O"], n=2, max_tokens=20, seed=5, top_p=0.9).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["choices"][0]["text"] == expected("ROMEO:", 20, 5, top_p=0.9)
+    assert body["choices"][3]["text"] == expected("O", 20, 6, top_p=0.9)  # the n-th completion uses seed + n
+    full = expected("ROMEO:", 40, 9)
+    stop = full[15:17]
+    choice = complete(url, prompt="ROMEO:", max_tokens=40, seed=9, stop=stop).json()["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+
+
+def test_openai_client(server, expected):
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    result = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, seed=2, temperature=0.7)
+    assert result.choices[0].text == expected("ROMEO:", 20, 2, temperature=0.7)
+    stream = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, seed=2, temperature=0.7,
+                                       stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == result.choices[0].text
+
+
+NAMES = ["ROMEO:", "JULIET:", "KING HENRY:", "First Citizen:", "O", "MENENIUS:", "Nurse:\n"]
+
+
+def test_32_concurrent_streams_complete_correctly(server, expected):
+    url, _ = server
+    results = {}
+
+    def client(i):
+        r = requests.post(f"{url}/v1/completions", json={"prompt": NAMES[i % 7], "max_tokens": 40,
+                                                         "seed": i, "stream": True}, stream=True, timeout=120)
+        text = ""
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+        results[i] = text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert sorted(results) == list(range(32))
+    for i, text in results.items():
+        assert text == expected(NAMES[i % 7], 40, i), i
+
+
+BAD = [
+    ("not json", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+    ("wrong type", {"json": {"prompt": "a", "max_tokens": "ten"}}, 400, "max_tokens"),
+    ("unknown field", {"json": {"prompt": "a", "best_of_everything": 3}}, 400, "unknown field 'best_of_everything'"),
+    ("missing prompt", {"json": {"max_tokens": 3}}, 400, "prompt"),
+    ("out of vocabulary", {"json": {"prompt": "caf\u00e9"}}, 400, "'\u00e9' at position 3"),
+    ("empty prompt", {"json": {"prompt": ""}}, 400, "prompt is empty"),
+    ("max_tokens over limit", {"json": {"prompt": "a", "max_tokens": 100000}}, 400, "max_tokens"),
+    ("max_tokens zero", {"json": {"prompt": "a", "max_tokens": 0}}, 400, "max_tokens"),
+    ("negative temperature", {"json": {"prompt": "a", "temperature": -1}}, 400, "temperature"),
+    ("top_p zero", {"json": {"prompt": "a", "top_p": 0}}, 400, "top_p"),
+    ("top_p over one", {"json": {"prompt": "a", "top_p": 1.5}}, 400, "top_p"),
+    ("n too large", {"json": {"prompt": "a", "n": 1000}}, 400, "n"),
+    ("other model", {"json": {"prompt": "a", "model": "gpt-4"}}, 404, "not served here"),
+    ("oversize body", {"json": {"prompt": "a" * (2 << 20)}}, 413, "over"),
+    ("file path as model", {"json": {"prompt": "a", "model": "/etc/passwd"}}, 404, "not served here"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, status, message", BAD, ids=[b[0] for b in BAD])
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, name, kwargs, status, message):
+    url, _ = server
+    r = requests.post(f"{url}/v1/completions", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"]
+    ok = complete(url, prompt="ROMEO:", max_tokens=3, seed=1)
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 3
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+    url, _ = server
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 256, "stream": True},
+                      stream=True, timeout=60)
+    lines = r.iter_lines()
+    next(lines), next(lines)  # a couple of chunks arrive
+    assert requests.get(f"{url}/health").json()["active"] >= 1
+    r.close()  # the client goes away mid-generation
+    deadline = time.time() + 10
+    while requests.get(f"{url}/health").json()["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert requests.get(f"{url}/health").json()["active"] == 0
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_1000_requests(server):
+    url, proc = server
+    session = requests.Session()
+
+    def burst(count):
+        for i in range(count):
+            r = session.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 4, "seed": i,
+                                                             "stream": i % 2 == 0}, timeout=30)
+            assert r.status_code == 200
+
+    burst(100)
+    after_100 = rss_kb(proc.pid)
+    burst(900)
+    after_1000 = rss_kb(proc.pid)
+    assert after_1000 - after_100 < 5 * 1024, (after_100, after_1000)
+
+
+def test_api_key_and_a_full_queue(export_dir):
+    proc, url = start_server(export_dir, "--api-key", "s3cret", "--max-queue", "2", "--max-batch", "1")
+    try:
+        assert requests.get(f"{url}/v1/models").status_code == 401
+        r = requests.post(f"{url}/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=auth).ok
+        r = requests.post(f"{url}/v1/completions", json={"prompt": "a", "n": 3}, headers=auth)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_binds_to_loopback_by_default():
+    from serve.server import run  # noqa: F401  (the default is in the parser)
+
+    proc = subprocess.run([sys.executable, "-m", "serve.server", "--help"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "default 127.0.0.1" in proc.stdout
