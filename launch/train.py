@@ -398,5 +398,9 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
         console.close()
     if t.tensorboard:
         accelerator.end_training()
+    if accelerator.is_main_process and importlib.util.find_spec("matplotlib") is not None:
+        from launch.plot import plot_losses
+
+        console.log(f"wrote {plot_losses(out_dir)}")
     accelerator.wait_for_everyone()
     return TrainResult(last, accelerator.unwrap_model(model, keep_torch_compile=False))

@@ -1,0 +1,147 @@
+"""Serving throughput and latency at concurrency 1, 8 and 32: does batching beat queueing?
+
+    python bench/serve.py                         # exports a seed-size model (random weights) first
+    python bench/serve.py --export-dir exports/X  # or use an existing export
+
+Starts `python -m serve.server` on loopback and runs C client threads, each sending streaming
+completions one after another. Reports aggregate tokens/s across clients, p50/p99 time to first
+token and p50/p99 time between tokens, and the ratio of aggregate tokens/s at each concurrency to
+concurrency 1 (the baseline: one client at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+
+def make_export(folder: Path, layers: int, heads: int, dim: int, block: int) -> Path:
+    import torch
+
+    from export.exporter import export
+    from gpt.checkpoint import write_model_files
+    from gpt.config import ModelConfig, RunConfig
+    from gpt.model import GPT
+    from gpt.tokenizer import CharTokenizer
+
+    vocab = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    config = ModelConfig(block_size=block, embedding_dim=dim, num_heads=heads, num_layers=layers,
+                         vocab_size=len(vocab))
+    torch.manual_seed(0)
+    run = RunConfig()
+    run.model = config
+    ckpt = folder / "checkpoint"
+    ckpt.mkdir(parents=True)
+    write_model_files(ckpt, GPT(config).eval(), CharTokenizer(vocab), {"step": 0}, run.to_dict())
+    export(ckpt, folder / "seed", log=lambda s: None)
+    return folder / "seed"
+
+
+def stream_one(url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between later tokens, tokens) of one streaming request."""
+    start = time.perf_counter()
+    r = requests.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "seed": seed,
+                                                     "temperature": 0.8, "stream": True}, stream=True, timeout=600)
+    r.raise_for_status()
+    stamps, tokens = [], 0
+    for line in r.iter_lines():
+        if line.startswith(b"data: {"):
+            n = len(json.loads(line[6:])["choices"][0]["text"])
+            if n:
+                stamps.append(time.perf_counter())
+                tokens += n
+    return stamps[0] - start, list(np.diff(stamps)), tokens
+
+
+def load(url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+    ttfts, gaps, tokens = [], [], [0]
+    lock = threading.Lock()
+
+    def client(c):
+        for i in range(requests_per_client):
+            ttft, g, n = stream_one(url, "ROMEO:", max_tokens, seed=c * 1000 + i)
+            with lock:
+                ttfts.append(ttft)
+                gaps.extend(g)
+                tokens[0] += n
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(ttfts), "tokens": tokens[0], "seconds": wall,
+            "tokens_per_s": tokens[0] / wall, "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99),
+            "gap_p50_ms": pct(gaps, 50), "gap_p99_ms": pct(gaps, 99)}
+
+
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export-dir", default=None)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads in the server (0: all cores)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--block", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = Path(args.export_dir) if args.export_dir else make_export(Path(tmp), args.layers, args.heads,
+                                                                              args.dim, args.block)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
+                                   "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                                   "--max-queue", "256"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if requests.get(f"{url}/health", timeout=1).ok:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+            stream_one(url, "ROMEO:", 8, 0)  # warm up
+            results = [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+        finally:
+            server.terminate()
+            server.wait()
+        manifest = json.loads((export_dir / "manifest.json").read_text())["model"]
+
+    print(f"machine: {os.cpu_count()} cores; server onnxruntime threads {args.threads or 'all'}, max batch "
+          f"{args.max_batch}; model {manifest['num_layers']} layers, {manifest['embedding_dim']}-d, block "
+          f"{manifest['block_size']}; prompt 'ROMEO:', {args.max_tokens} new tokens, streaming")
+    print(f"{'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+          f"{'token p50':>10s} {'token p99':>10s}")
+    base = results[0]["tokens_per_s"]
+    for r in results:
+        print(f"{r['concurrency']:7d} {r['requests']:8d} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:5.2f}x "
+              f"{r['ttft_p50_ms']:7.1f}ms {r['ttft_p99_ms']:7.1f}ms {r['gap_p50_ms']:8.1f}ms {r['gap_p99_ms']:8.1f}ms")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,82 @@
+"""The teaching material: the notebook runs, the pictures are real PNGs, the hand-built head is exact."""
+
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, subprocess_env
+from gpt.attention import attention_weights, head_by_hand
+from gpt.config import ModelConfig
+from gpt.model import GPT
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_hand_built_head_matches_the_attention_module():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=16, embedding_dim=32, num_heads=4, num_layers=2, vocab_size=65)).eval()
+    x = torch.randn(2, 10, 32)
+    attn = model.blocks[0].attn
+    heads = [head_by_hand(attn, x, i) for i in range(4)]
+    for weights, _ in heads:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 10))
+        assert (weights.triu(1) == 0).all()  # causal
+    with torch.no_grad():
+        by_hand = attn.proj(torch.cat([out for _, out in heads], dim=-1))
+        module, _ = attn(x, None, None)
+    torch.testing.assert_close(by_hand, module, atol=1e-5, rtol=0)
+    assert attention_weights(model, torch.randint(0, 65, (1, 7))).shape == (2, 4, 7, 7)
+
+
+def test_loss_curve_png(run_dir, tmp_path):
+    out = tmp_path / "loss.png"
+    proc = subprocess.run([sys.executable, "-m", "launch.plot", str(run_dir), "--out", str(out)], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    width, height = png_size(out)
+    assert 600 <= width <= 2000 and 400 <= height <= 1500
+    assert png_size(run_dir / "loss.png")  # training drew one at the end of the run too
+
+
+def test_attention_and_position_pngs(run_dir, tmp_path):
+    attn, pos = tmp_path / "attn.png", tmp_path / "pos.png"
+    proc = subprocess.run([sys.executable, "-m", "gpt.attention", str(run_dir), "--text", "ROMEO: But soft",
+                           "--out", str(attn), "--positions-out", str(pos)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    width, height = png_size(attn)
+    assert 800 <= width <= 4000 and 400 <= height <= 4000  # 2 layers x 4 heads of 15 characters
+    assert png_size(pos)[0] >= 400
+    bad = subprocess.run([sys.executable, "-m", "gpt.attention", str(run_dir), "--text", "x" * 100], cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "block_size" in bad.stderr
+
+
+def test_notebook_is_generated_from_its_source():
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    import nbformat
+    from make_walkthrough import build
+
+    on_disk = nbformat.read(ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
+    assert [c.source for c in on_disk.cells] == [c.source for c in build().cells], \
+        "notebooks/walkthrough.ipynb is stale: run python notebooks/make_walkthrough.py"
+
+
+@pytest.mark.slow
+def test_notebook_runs_top_to_bottom(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "matches CausalSelfAttention" in outputs and "ROMEO:" in outputs
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the loss curve and the attention maps
