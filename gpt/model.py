@@ -50,6 +50,15 @@ def attention_mask_from_positions(
     return (visible | own[None]).unsqueeze(1)
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, a large negative number elsewhere: added to the scores before softmax.
+
+    An additive mask exports to a plain Add; a boolean one makes the exported SDPA select with
+    Where and guard against all-masked rows with IsNaN, which costs a third of a prefill on CPU.
+    """
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: every token mixes in the values of the tokens before it.
 
@@ -183,7 +192,8 @@ class GPT(nn.Module):
         mask = None
         if past is not None or attention_mask is not None:
             key_index = torch.arange(P + T, device=device).expand(B, P + T)  # (B, P+T)
-            mask = attention_mask_from_positions(key_index[:, P:], key_index, attention_mask)  # (B, 1, T, P+T)
+            visible = attention_mask_from_positions(key_index[:, P:], key_index, attention_mask)  # (B, 1, T, P+T)
+            mask = additive_mask(visible, self.token_embedding.weight.dtype)
 
         tok = self.token_embedding(input_ids)  # (B, T, C): what each token is
         pos = self.position_embedding(position_ids)  # (B, T, C): where each token is

@@ -67,10 +67,12 @@ class OnnxModel:
         self._empty = np.zeros((0, self.num_heads, 0, self.head_dim), dtype=np.float32)
 
     def warmup(self) -> None:
-        """One prefill and one decode step, so the first real request does not pay for initialisation."""
-        ids = np.zeros((1, 2), np.int64)
-        _, cache = self.run(ids, np.ones((1, 2), np.int64), np.arange(2)[None], self.empty_cache(1))
-        self.run(ids[:, :1], np.ones((1, 3), np.int64), np.array([[2]]), cache)
+        """A short batched generation through every code path (prefill, splice, decode, sampling),
+        so the first real request does not pay for initialisation."""
+        batch = Batch(self)
+        batch.add([Sequence([0, 0], 3, SamplingParams(temperature=1.0)), Sequence([0], 3, SamplingParams(greedy=True))])
+        while len(batch):
+            batch.step()
 
     # cache helpers: the cache is a list of 2 * num_layers OrtValues, each (B, H, P, D)
     def to_device(self, arrays: Iterable[np.ndarray]) -> list[Any]:
