@@ -241,8 +241,19 @@ class Batch:
 
     # --- decoding --------------------------------------------------------------------------------
 
+    # A step is emit() then advance(). Between them every remaining sequence has a sampled token
+    # waiting to be fed; outside them every sequence has its next-token logits ready, and only then
+    # may sequences be added or removed. Callers hand out emit()'s text before advance() runs the
+    # model, so a token reaches its reader without waiting for the next forward pass.
+
     def step(self) -> list[Event]:
         """Sample one token for every sequence, retire the finished ones, and run the model once."""
+        events = self.emit()
+        self.advance()
+        return events
+
+    def emit(self) -> list[Event]:
+        """Sample one token for every sequence and retire the finished ones."""
         events, finished = [], []
         for i, s in enumerate(self.sequences):
             token = sample(self.logits[i], s.params, s.rng)
@@ -253,9 +264,12 @@ class Batch:
             else:
                 s.context.append(token)
         self.remove(finished)
-        if not self.sequences:
-            return events
+        return events
 
+    def advance(self) -> None:
+        """Feed every sequence its sampled token: one model call for the whole batch."""
+        if not self.sequences:
+            return
         # A sequence whose window is full restarts its cache from the last half of its context
         # (everything but the token fed below), as the PyTorch reference does.
         full = [i for i, s in enumerate(self.sequences) if len(s.context) > self.model.block_size]
@@ -279,7 +293,6 @@ class Batch:
         mask = np.concatenate([self.mask, np.ones((len(self.sequences), 1), np.int64)], axis=1)
         logits, self.cache = self.model.run(ids, mask, positions, self.cache)
         self.mask, self.logits = mask, logits[:, -1]
-        return events
 
 
 def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, params: SamplingParams | None = None,
@@ -295,4 +308,5 @@ def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, pa
     batch = Batch(model)
     batch.add([Sequence(p, max_new_tokens, params, seed, list(stop or []), tag=i) for i, p in enumerate(ids)])
     while len(batch):
-        yield from batch.step()
+        yield from batch.emit()  # the text goes out before the next forward pass
+        batch.advance()

@@ -121,13 +121,14 @@ class Scheduler:
                 gone = [s for s in admit if s.tag[0].cancelled]  # abandoned while waiting
                 self.batch.add([s for s in admit if not s.tag[0].cancelled])
                 released = len(dropped) + len(gone)
-                events = self.batch.step() if len(self.batch) else []
-                self.steps += 1
+                events = self.batch.emit() if len(self.batch) else []
                 finished = 0
-                for event in events:
+                for event in events:  # hand out the text before the next forward pass
                     if event.text or event.finished:
                         self._deliver(event.sequence, event)
                     finished += event.finished
+                self.batch.advance()
+                self.steps += 1
                 with self.lock:
                     self.active -= finished + released
                     # sequences cancelled before they were admitted
