@@ -111,7 +111,8 @@ def run(argv: list[str] | None = None) -> None:
         bandwidth = copy_bandwidth()
         rows = []
         if not args.skip_uncached:
-            rows.append(("PyTorch, recompute context", time_stream(generate_uncached(model, prompt, args.new_tokens, greedy)),
+            rows.append(("PyTorch, recompute context",
+                         time_stream(generate_uncached(model, prompt, args.new_tokens, greedy)),
                          time_stream(generate_uncached(model, long_prompt, 1, greedy))))
         list(generate(model, prompt, 5, greedy))  # warm up
         rows.append(("PyTorch, KV cache", time_stream(generate(model, prompt, args.new_tokens, greedy)),
@@ -126,11 +127,13 @@ def run(argv: list[str] | None = None) -> None:
           f"{weight_bytes / 1e6:.0f} MB of fp32 weights -> bandwidth bound {bound:.0f} tokens/s; "
           f"export+verify {export_s:.0f}s, parity {manifest['parity']['fp32']['max_rel_logit_error']:.1e}")
     print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, batch 1, greedy")
-    print(f"{'engine':28s} {'tokens/s':>9s} {'vs cache':>9s} {'of bound':>9s} {'TTFT p16':>10s} {'TTFT p' + str(args.block):>11s}")
+    print(f"{'engine':28s} {'tokens/s':>9s} {'vs cache':>9s} {'of bound':>9s} {'TTFT p' + str(args.prompt):>10s} "
+          f"{'TTFT p' + str(args.block):>11s}")
     base = next(r[1][1] for r in rows if r[0] == "PyTorch, KV cache")
     results = {}
     for name, (ttft, rate, _), (long_ttft, _, _) in rows:
-        print(f"{name:28s} {rate:9.1f} {rate / base:8.2f}x {rate / bound:8.0%} {ttft * 1000:8.1f}ms {long_ttft * 1000:9.1f}ms")
+        print(f"{name:28s} {rate:9.1f} {rate / base:8.2f}x {rate / bound:8.0%} {ttft * 1000:8.1f}ms "
+              f"{long_ttft * 1000:9.1f}ms")
         results[name] = {"tokens_per_s": rate, "ttft_ms": ttft * 1000, "ttft_long_ms": long_ttft * 1000}
     f, i = results["ORT fp32, KV cache"]["tokens_per_s"], results["ORT int8, KV cache"]["tokens_per_s"]
     print(f"ORT fp32 / PyTorch cache: {f / base:.2f}x (target 2.5x); ORT fp32 of bandwidth bound: {f / bound:.0%} "

@@ -106,7 +106,8 @@ def run(argv: list[str] | None = None) -> None:
 
     m = config.model
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
-          f"{'GPU' if device.type == 'cuda' else 'cores'}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'GPU' if device.type == 'cuda' else 'cores'}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
           f"shape L{m.num_layers} H{m.num_heads} C{m.embedding_dim} T{m.block_size} B{config.train.batch_size}, "
           f"precision {args.mixed_precision}, {args.steps} timed steps")
     bare = bare_loop(config, corpus, args.steps, device, dtype)

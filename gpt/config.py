@@ -277,7 +277,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """Read a YAML run config (never executed: `yaml.safe_load`) and apply dotted overrides."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass a YAML file such as configs/shakespeare_char_cpu.yaml")
+        raise ConfigError(f"config file {path} does not exist: pass a YAML file such as "
+                          "configs/shakespeare_char_cpu.yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

@@ -182,9 +182,10 @@ def get_batch(
     """A batch of random windows: inputs x and next-token targets y, both (B, T) int64.
 
     The window starts depend only on (seed, split, step, shard); evaluation batches (step = the
-    evaluation batch index) are drawn from a stream of their own and are the same at every evaluation. A shard is one micro-batch of one
-    process: shard = micro_step * world_size + rank, so the global batch of a step is the same set
-    of windows whether it is split over 2 processes or accumulated in 2 micro-steps on one.
+    evaluation batch index) come from a stream of their own and are the same at every evaluation.
+    A shard is one micro-batch of one process: shard = micro_step * world_size + rank, so the
+    global batch of a step is the same set of windows whether it is split over 2 processes or
+    accumulated in 2 micro-steps on one.
     """
     if len(data) <= block_size:
         raise DataError(

@@ -19,7 +19,8 @@ self-attention → multi-head attention → feed-forward → residual + LayerNor
 training → generation. Each step uses the toolkit's own classes (`gpt/`, `launch/`), and every
 piece computed by hand is checked against the module that implements it. It runs on a CPU in a
 few minutes. The map from each step to its file is in `docs/walkthrough.md`."""),
-    ("code", """import math, os, sys
+    ("code", """import math
+import sys
 from pathlib import Path
 
 ROOT = Path.cwd() if (Path.cwd() / "gpt").is_dir() else Path.cwd().parent
@@ -130,7 +131,9 @@ print("x + attn(ln_1(x)), then + mlp(ln_2(.)) matches Block:", tuple(module.shap
 Embeddings, the stack of blocks, a final LayerNorm and the LM head, which turns each position's
 vector into one score (logit) per vocabulary entry: `(B, T) -> (B, T, V)`. Untrained, every
 character is about equally likely, so the loss is near ln(V)."""),
-    ("code", """out = model(torch.tensor([tokenizer.encode("ROMEO: But")]), targets=torch.tensor([tokenizer.encode("OMEO: But ")]))
+    ("code", """inputs = torch.tensor([tokenizer.encode("ROMEO: But")])
+targets = torch.tensor([tokenizer.encode("OMEO: But ")])
+out = model(inputs, targets=targets)
 print("logits", tuple(out.logits.shape), f"loss {out.loss.item():.3f} vs ln(V) = {math.log(tokenizer.vocab_size):.3f}")
 print(f"{model.num_parameters():,} parameters, {model.flops_per_token():,.0f} training FLOPs per token")"""),
     ("md", """## 8. A short training run
@@ -139,8 +142,9 @@ The toolkit's own training loop (`launch.train`): AdamW with warmup and cosine d
 evaluation on held-out text, checkpoints. A few hundred steps of a small model take about a
 minute on a CPU; `configs/shakespeare_char_cpu.yaml` goes further."""),
     ("code", """import tempfile
-from launch.train import main, setup
+
 from launch.plot import plot_losses
+from launch.train import main, setup
 
 run_dir = Path(tempfile.mkdtemp()) / "walkthrough"
 run_config, start = setup(str(ROOT / "configs" / "tiny.yaml"), [

@@ -52,7 +52,8 @@ class OnnxModel:
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ExportError(
                 "device cuda needs onnxruntime-gpu, and this onnxruntime has only "
-                f"{', '.join(ort.get_available_providers())}: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+                f"{', '.join(ort.get_available_providers())}: "
+                "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

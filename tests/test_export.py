@@ -58,7 +58,8 @@ def test_ort_generation_equals_pytorch_past_block_size(models, params):
     assert events[-1].finished and events[-1].sequence.finish_reason == "length"
 
 
-@pytest.mark.parametrize("params", [SamplingParams(greedy=True), SamplingParams(temperature=1.0)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("params", [SamplingParams(greedy=True), SamplingParams(temperature=1.0)],
+                         ids=["greedy", "sampled"])
 def test_left_padded_batch_equals_prompts_one_by_one(models, params):
     _, runtime = models
     prompts = ["ROMEO:", "First Citizen:\nBefore we proceed", "O"]  # different lengths: left padding
