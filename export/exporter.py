@@ -11,7 +11,6 @@ temporary name and renamed at the end, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
+from gpt.data import sha256_file
 from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
@@ -274,14 +274,6 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
            opset: int = DEFAULT_OPSET, force: bool = False, eval_windows: int = 32,
            log: Callable[[str], None] = print) -> dict:
@@ -311,7 +303,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
             "export_options": {"int8": int8, "fp16": fp16, "opset": opset, "exporter": exporter,
                                "torch": torch.__version__},
             "source": {"checkpoint": str(checkpoint), "step": meta.get("step"),
-                       "model_sha256": sha256(checkpoint / "model.safetensors")},
+                       "model_sha256": sha256_file(checkpoint / "model.safetensors")},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         runtime = OnnxModel(tmp, threads=0)
