@@ -162,8 +162,12 @@ def make_accelerator(config: RunConfig):
 def environment_report(accelerator, config: RunConfig, model: GPT) -> dict:
     import accelerate
 
+    resolved = config.to_dict()  # with what the config leaves to defaults filled in
+    resolved["model"] = dataclasses.asdict(model.config)
+    resolved["train"].update(min_lr=config.train.resolved_min_lr, lr_decay_iters=config.train.resolved_lr_decay_iters)
     return {
         "config": config.to_dict(),
+        "resolved_config": resolved,
         "model_parameters": model.num_parameters(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "accelerate": accelerate.__version__, "gpt": __import__("gpt").__version__},
@@ -391,6 +395,8 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
     console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
                 f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
                 f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {out_dir}")
+    for section, values in report["resolved_config"].items():
+        console.log(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
     console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
     try:
         last = fit(accelerator, model, optimizer, corpus, config, start_step, console, flops_per_token)
