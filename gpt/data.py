@@ -157,10 +157,10 @@ def prepare(config: DataConfig, url: str | None = None) -> TokenizedCorpus:
         tokenizer = CharTokenizer(chars)
         entry.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tokens-")
-        lut = {c: i for c, i in tokenizer.stoi.items()}
+        stoi = tokenizer.stoi
         with os.fdopen(fd, "wb") as out, open(corpus, encoding="utf-8") as f:
             for chunk in iter(lambda: f.read(_CHUNK_CHARS), ""):
-                np.fromiter((lut[c] for c in chunk), dtype=np.uint16, count=len(chunk)).tofile(out)
+                np.fromiter((stoi[c] for c in chunk), dtype=np.uint16, count=len(chunk)).tofile(out)
         os.replace(tmp, tokens_path)
         fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tokenizer-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:

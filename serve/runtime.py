@@ -65,7 +65,6 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(model_path(export_dir, self.manifest, variant)), options,
                                             providers=providers)
         self.device = device
-        self._empty = np.zeros((0, self.num_heads, 0, self.head_dim), dtype=np.float32)
 
     def warmup(self) -> None:
         """A short batched generation through every code path (prefill, splice, decode, sampling),

@@ -70,7 +70,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Condition()
         self.active = 0  # sequences waiting or in the batch
-        self.steps = 0
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self.stopping = False
         self.error: str | None = None
@@ -128,7 +127,6 @@ class Scheduler:
                         self._deliver(event.sequence, event)
                     finished += event.finished
                 self.batch.advance()
-                self.steps += 1
                 with self.lock:
                     self.active -= finished + released
                     # sequences cancelled before they were admitted
