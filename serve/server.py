@@ -20,6 +20,7 @@ import secrets
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
@@ -47,6 +48,10 @@ class Limits:
 
 
 class QueueFull(Exception):
+    pass
+
+
+class SchedulerDown(Exception):
     pass
 
 
@@ -88,6 +93,8 @@ class Scheduler:
         return self.thread.is_alive() and self.error is None
 
     def submit(self, request: Request) -> None:
+        if not self.healthy:
+            raise SchedulerDown(self.error or "the model loop is not running")
         with self.lock:
             if self.active + len(request.sequences) > self.limits.max_queue:
                 raise QueueFull()
@@ -100,6 +107,7 @@ class Scheduler:
         request.loop.call_soon_threadsafe(request.events.put_nowait, event)
 
     def _run(self) -> None:
+        admit: list[Sequence] = []
         try:
             while True:
                 with self.lock:
@@ -136,7 +144,11 @@ class Scheduler:
                     self.active -= len(stale)
         except Exception as e:  # keep the reason; /health turns 503 and requests get 500
             self.error = f"{type(e).__name__}: {e}"
-            raise
+            with self.lock:  # wake every request still waiting, so none hangs
+                pending = list(self.waiting) + admit + list(self.batch.sequences)
+            for request in {id(s.tag[0]): s.tag[0] for s in pending}.values():
+                request.loop.call_soon_threadsafe(request.events.put_nowait, None)
+            traceback.print_exc()  # into the server's log; the thread ends, /health says 503
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -249,6 +261,8 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         except QueueFull:
             return fail(429, f"the server is at its limit of {limits.max_queue} sequences; retry shortly",
                         kind="rate_limit_error", code="queue_full")
+        except SchedulerDown as e:
+            return fail(500, f"the model loop has failed ({e}); restart the server", kind="server_error")
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
         prompt_tokens = sum(len(p) for p in ids)
@@ -258,7 +272,11 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
                 remaining = len(request.sequences)
                 try:
                     while remaining:
-                        event: Event = await request.events.get()
+                        event: Event | None = await request.events.get()
+                        if event is None:  # the model loop failed: end the stream with an error
+                            failed = error_body(f"the model loop has failed ({scheduler.error})", "server_error")
+                            yield f"data: {json.dumps(failed)}\n\n"
+                            return
                         index = event.sequence.tag[1]
                         reason = event.sequence.finish_reason if event.finished else None
                         choice = {"text": event.text, "index": index, "logprobs": None, "finish_reason": reason}
@@ -279,6 +297,9 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
                     if await http.is_disconnected():
                         return fail(499, "client closed the request")
                     continue
+                if event is None:
+                    return fail(500, f"the model loop has failed ({scheduler.error}); restart the server",
+                                kind="server_error")
                 remaining -= event.finished
         finally:
             request.cancelled = remaining > 0

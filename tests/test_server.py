@@ -239,3 +239,23 @@ def test_binds_to_loopback_by_default():
     proc = subprocess.run([sys.executable, "-m", "serve.server", "--help"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "default 127.0.0.1" in proc.stdout
+
+
+def test_a_failed_model_loop_answers_500_instead_of_hanging(export_dir):
+    """If decoding ever raises, waiting requests end with a 500 and /health turns 503."""
+    from fastapi.testclient import TestClient
+
+    from serve.server import Limits, create_app
+
+    model = OnnxModel(export_dir, threads=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    model.run = broken
+    with TestClient(create_app(model, Limits(), "tiny")) as client:
+        r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5})
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        assert client.get("/health").status_code == 503
+        again = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5})
+        assert again.status_code == 500  # refused at once, not queued behind a dead loop
