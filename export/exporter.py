@@ -5,7 +5,9 @@
                optional int8 / fp16 variants with their validation-loss change → manifest.json
 
 The graph has no `If` node: a zero-length past is the prefill case. The folder is built under a
-temporary name and renamed at the end, so a failed export leaves nothing behind.
+temporary name, flushed to disk and renamed at the end, so a failed export leaves nothing behind.
+`--force` replaces only an earlier export folder, by renaming it aside, renaming the new one into
+place and then deleting the old: never a folder that holds the checkpoint or anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn as nn
 
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.data import sha256_file
+from gpt.files import publish_folder
 from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
@@ -274,16 +277,50 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
+def check_destination(export_dir: Path, checkpoint: Path, force: bool) -> None:
+    """Refuse a destination the export would destroy something in.
+
+    A new or empty folder is fine. With `force`, so is an earlier export folder: one whose
+    manifest.json is this toolkit's and which holds nothing but the files that manifest names.
+    Never a file, the checkpoint's own folder or one above it, or a folder with anything else.
+    """
+    dest, source = export_dir.resolve(), checkpoint.resolve()
+    if dest == source or dest in source.parents:
+        raise ExportError(f"{export_dir} holds the checkpoint being exported ({checkpoint}): choose another "
+                          "EXPORT_DIR, e.g. exports/NAME")
+    if not export_dir.exists():
+        return
+    if not export_dir.is_dir():
+        raise ExportError(f"{export_dir} is a file, not a folder: choose another EXPORT_DIR")
+    entries = sorted(p.name for p in export_dir.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise ExportError(f"{export_dir} exists and is not empty: pass --force to replace an earlier export, or "
+                          "choose another EXPORT_DIR")
+    try:
+        manifest = json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{export_dir} is not an export folder (no gpt-onnx manifest.json), and --force replaces "
+                          "only an earlier export: choose another EXPORT_DIR")
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    ours = {"manifest.json"} | {str(f) for f in files.values()} | {f"{f}.data" for f in files.values()}
+    foreign = [name for name in entries if name not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ExportError(f"{export_dir} holds {shown}, which the export did not write; --force would delete it: "
+                          "move it away, or choose another EXPORT_DIR")
+
+
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
            opset: int = DEFAULT_OPSET, force: bool = False, eval_windows: int = 32,
            log: Callable[[str], None] = print) -> dict:
     """Export a run's latest checkpoint (or a checkpoint folder) to `export_dir`; returns the manifest."""
     export_dir = Path(export_dir)
-    if export_dir.exists() and (not export_dir.is_dir() or any(export_dir.iterdir())):
-        if not force:
-            raise ExportError(f"{export_dir} exists and is not empty: pass --force to replace it, or choose another "
-                              "EXPORT_DIR")
     checkpoint = resolve_checkpoint(source)
+    check_destination(export_dir, checkpoint, force)
     model, tokenizer, meta = load_checkpoint(checkpoint)
     model.float().eval()
     tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
@@ -351,10 +388,9 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
             manifest["quality"] = quality
         manifest["export_seconds"] = round(time.time() - started, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if export_dir.exists():
-            shutil.rmtree(export_dir) if export_dir.is_dir() else export_dir.unlink()
+        check_destination(export_dir, checkpoint, force)  # again: the folder may have changed meanwhile
         export_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, export_dir)
+        publish_folder(tmp, export_dir, replace=True)
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,9 +5,13 @@
         config.json         the model config, vocab_size included
         tokenizer.json      the vocabulary
         run_config.json     the resolved training config
-        meta.json           format version, step, losses
+        meta.json           format version, step, losses, the corpus and tokenizer sha256, and the
+                            size of every other file in the folder (written last)
         optimizer.bin, random_states_*.pkl, ...   resumable state written by Accelerate's save_state
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
+
+A checkpoint is complete when meta.json is there and every file it lists has the recorded size;
+readers skip incomplete ones (a disk that lost the tail of a file, a folder copied in part).
 
 Weights are read with safetensors and metadata with json; nothing here unpickles. (Accelerate
 reads its own state files with torch.load(weights_only=True).)
@@ -15,6 +19,7 @@ reads its own state files with torch.load(weights_only=True).)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -39,22 +44,42 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def missing_files(folder: Path) -> list[str]:
+    """What keeps a checkpoint folder from being complete: absent files, or files of the wrong size."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return ["meta.json"]
+    listed = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(listed, dict):  # written before sizes were recorded: the files a reader needs
+        listed = {name: None for name in ("model.safetensors", "config.json", "tokenizer.json")}
+    out = []
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            out.append(name)
+        elif size is not None and path.stat().st_size != size:
+            out.append(f"{name} ({path.stat().st_size} bytes, recorded {size})")
+    return out
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are skipped)."""
+    """Complete checkpoints of a run, oldest first (interrupted or damaged ones are skipped)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and not missing_files(p)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run: the `latest` pointer, else the highest step."""
+    """The newest complete checkpoint of a run: the `latest` pointer if it names a complete one,
+    else the highest complete step."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if (target / "meta.json").is_file():
+        if STEP_DIR.match(target.name) and target.is_dir() and not missing_files(target):
             return target
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -66,6 +91,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "meta.json").is_file():
         return path
     latest = latest_checkpoint(path)
+    if latest is None and (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path}/checkpoints holds no complete checkpoint: train longer, or resume the run")
     if latest is None:
         raise CheckpointError(
             f"{path} is neither a checkpoint folder (with meta.json) nor a run folder with checkpoints/: "
@@ -74,14 +101,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def tokenizer_sha256(tokenizer: CharTokenizer) -> str:
+    """A fingerprint of the vocabulary: which id means which text."""
+    return hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def write_model_files(folder: Path, model: GPT, tokenizer: CharTokenizer, meta: dict, run_config: dict) -> None:
-    """Write the self-describing part of a checkpoint (everything but the optimizer state)."""
+    """Write the self-describing part of a checkpoint, then meta.json listing every file in `folder`
+    (the optimizer and RNG states included, so write those first) with its size."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps(model.config.__dict__, indent=2))
     tokenizer.save(folder / "tokenizer.json")
     (folder / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    (folder / "meta.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **meta}, indent=2))
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "meta.json"}
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256(tokenizer), **meta,
+            "files": files}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def read_meta(folder: Path) -> dict:
@@ -106,9 +142,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, CharTok
     """(model in eval mode, tokenizer, meta) from a checkpoint folder or a run folder."""
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
-    for name in ("config.json", "tokenizer.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing: the checkpoint is incomplete; use an earlier one")
+    missing = missing_files(folder)
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete ({', '.join(missing[:3])}): use an earlier checkpoint")
     config: ModelConfig = model_config_from_dict(json.loads((folder / "config.json").read_text()))
     tokenizer = CharTokenizer.load(folder / "tokenizer.json")
     model = GPT(config).to(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ class TrainConfig:
             out.append(f"train.mixed_precision={self.mixed_precision!r} must be one of no, bf16, fp16")
         if not self.out_dir:
             out.append("train.out_dir is empty: name a folder for checkpoints and logs")
+        if not 0 <= self.seed < 2**32:  # numpy's legacy seeding, which Accelerate's set_seed calls, takes 32 bits
+            out.append(f"train.seed={self.seed} must be in [0, 2**32 - 1]")
         return out
 
     @property
@@ -225,6 +228,9 @@ def build(cls: type, data: dict[str, Any], section: str, problems: list[str]) ->
         value = _coerce(value, hints[key])
         if not _type_ok(value, hints[key]):
             problems.append(f"{section}.{key}={value!r} should be {_type_name(hints[key])}")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):  # nan slips through every comparison
+            problems.append(f"{section}.{key}={value} must be a finite number")
             continue
         kwargs[key] = value
     return cls(**kwargs)

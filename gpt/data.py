@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
+from gpt.files import fsync_path
 from gpt.tokenizer import CharTokenizer
 
 TINYSHAKESPEARE_URL = (
@@ -78,7 +79,10 @@ def download(url: str, dest: Path, sha256: str, retries: int = 3, timeout: float
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
         with os.fdopen(fd, "wb") as f:
             f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
+        fsync_path(dest.parent)
         return dest
     raise DataError(
         f"could not download {url} after {retries} tries ({last_error}); offline? put the file at {dest}, "
@@ -119,6 +123,7 @@ class TokenizedCorpus:
     tokenizer: CharTokenizer
     train: np.ndarray  # (N_train,) uint16
     val: np.ndarray  # (N_val,) uint16
+    sha256: str = ""  # of the text it was made from: a resumed run checks it has not changed
 
     def split(self, name: str) -> np.ndarray:
         return self.train if name == "train" else self.val
@@ -138,7 +143,8 @@ def prepare(config: DataConfig, url: str | None = None) -> TokenizedCorpus:
     """Tokenize the corpus into the cache (once) and map it back in.
 
     The cache entry is keyed by the text's sha256, so editing the text makes a new entry. Files are
-    written under a temporary name and renamed, so a killed run never leaves a half entry. In
+    written under a temporary name, flushed to disk and renamed, so a killed run or a power cut never
+    leaves a half entry. In
     distributed runs call it under `accelerator.main_process_first()`.
     """
     corpus = resolve_corpus(config, url)
@@ -161,15 +167,20 @@ def prepare(config: DataConfig, url: str | None = None) -> TokenizedCorpus:
         with os.fdopen(fd, "wb") as out, open(corpus, encoding="utf-8") as f:
             for chunk in iter(lambda: f.read(_CHUNK_CHARS), ""):
                 np.fromiter((stoi[c] for c in chunk), dtype=np.uint16, count=len(chunk)).tofile(out)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, tokens_path)
         fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tokenizer-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({**tokenizer.to_dict(), "tokens_format": TOKENS_FORMAT, "source": str(corpus)}, f)
-        os.replace(tmp, vocab_path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, vocab_path)  # the tokenizer file last: its presence marks the entry complete
+        fsync_path(entry)
     tokenizer = CharTokenizer.load(vocab_path)
     data = np.memmap(tokens_path, dtype=np.uint16, mode="r")
     n_val = int(len(data) * config.val_fraction)
-    return TokenizedCorpus(tokenizer, data[: len(data) - n_val], data[len(data) - n_val:])
+    return TokenizedCorpus(tokenizer, data[: len(data) - n_val], data[len(data) - n_val:], digest)
 
 
 SPLIT_IDS = {"train": 0, "val": 1}

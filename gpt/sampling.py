@@ -6,14 +6,19 @@ same tokens whichever engine computed them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+# Below this temperature, sampling is taken as greedy: dividing logits by a tiny or subnormal
+# number overflows to inf, and inf - inf turns the whole distribution into NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    """How to turn logits into a token. temperature 0 or greedy=True takes the argmax."""
+    """How to turn logits into a token. greedy=True or a temperature below 1e-5 takes the argmax."""
 
     temperature: float = 1.0
     top_k: int | None = None  # keep the k most likely tokens
@@ -21,8 +26,8 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1, or unset")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -30,7 +35,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        return self.greedy or self.temperature < GREEDY_BELOW
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

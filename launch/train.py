@@ -33,10 +33,12 @@ from gpt.checkpoint import (
     list_checkpoints,
     load_weights,
     read_meta,
+    tokenizer_sha256,
     write_model_files,
 )
 from gpt.config import ConfigError, RunConfig, load_run_config
 from gpt.data import TokenizedCorpus, get_batch, prepare
+from gpt.files import FolderInUse, FolderLock, publish_folder, write_atomic
 from gpt.model import GPT
 from launch.console import TrainingConsole
 
@@ -87,6 +89,7 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA device: use bf16 or no on CPU")
     out_dir = Path(config.train.out_dir)
+    lock_run_folder(out_dir)
     start_from = latest_checkpoint(out_dir)
     if start_from is not None and not resume:
         raise ConfigError(
@@ -104,6 +107,52 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
                 "resume with the run's own config, or start a new out_dir"
             )
     return config, start_from
+
+
+_LOCKS: dict[Path, FolderLock] = {}
+
+
+def lock_run_folder(out_dir: Path) -> None:
+    """Hold train.out_dir for this run (the main process of a launch), so a second launch on the same
+    folder, or a requeued job whose old copy still runs, fails at once instead of mixing checkpoints.
+    The lock lives until release_run_folder() or the process ends, however it ends."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    key = out_dir.resolve()
+    if key in _LOCKS:
+        return
+    try:
+        _LOCKS[key] = FolderLock(out_dir)
+    except FolderInUse as e:
+        raise ConfigError(f"train.out_dir: {e}: wait for that run to end (or stop it), or choose another "
+                          "--train.out_dir") from None
+
+
+def release_run_folder(out_dir: Path) -> None:
+    lock = _LOCKS.pop(out_dir.resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+def check_same_data(checkpoint: Path, corpus: TokenizedCorpus) -> None:
+    """Refuse to resume on another text or vocabulary: the same ids would silently mean other characters."""
+    meta = read_meta(checkpoint)
+    problems = []
+    saved_corpus = meta.get("corpus_sha256")
+    if saved_corpus and corpus.sha256 and saved_corpus != corpus.sha256:
+        problems.append(f"the corpus has sha256 {corpus.sha256[:12]}…, the run trained on {saved_corpus[:12]}…")
+    saved_tokenizer = meta.get("tokenizer_sha256")
+    if saved_tokenizer is None:  # an older checkpoint: compare the vocabulary itself
+        from gpt.tokenizer import CharTokenizer
+
+        same = CharTokenizer.load(checkpoint / "tokenizer.json") == corpus.tokenizer
+    else:
+        same = saved_tokenizer == tokenizer_sha256(corpus.tokenizer)
+    if not same:
+        problems.append("the tokenizer differs from the run's")
+    if problems:
+        raise TrainingError(f"cannot resume {checkpoint}: {'; '.join(problems)}; resume with the run's own text, "
+                            "or start a new --train.out_dir")
 
 
 # --- the distributed environment ------------------------------------------------------------------
@@ -203,30 +252,61 @@ def validate(model, corpus: TokenizedCorpus, config: RunConfig, accelerator) -> 
 
 
 def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConfig, step: int, meta: dict) -> Path:
-    """Write checkpoints/step-NNNNNN atomically: a temporary folder, renamed once complete.
+    """Write checkpoints/step-NNNNNN so that it is published whole or not at all.
 
-    Every process takes part (each saves its RNG state); the main process writes the model files,
-    renames, moves the `latest` pointer and prunes to the newest keep_checkpoints.
+    Every process takes part: all check that the weights are finite, all save their state (each its
+    own RNG file) into a temporary folder, and all wait until every one has finished. Only then does
+    the main process check that each rank's file is there, write the model files and meta.json
+    (which lists every file with its size), flush it all to disk, rename the folder into place, move
+    the `latest` pointer and prune to the newest keep_checkpoints. A failure is raised on every rank.
     """
-    root = Path(config.train.out_dir) / "checkpoints"
+    out_dir = Path(config.train.out_dir)
+    root = out_dir / "checkpoints"
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{checkpoint_name(step)}"
+    # The loss check before a save sees the loss before the last optimizer step; the step itself
+    # can still overflow. A collective count, so every rank takes the same branch.
+    bad = torch.zeros((), device=accelerator.device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(p.detach())).sum()
+    bad = int(accelerator.reduce(bad, reduction="sum").item())
+    if bad:
+        raise TrainingError(
+            f"{bad} weights became inf/NaN at step {step}: training diverged and this checkpoint is not saved; "
+            f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}; resume from it with a lower "
+            "train.learning_rate or a train.grad_clip"
+        )
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # optimizer, RNG states, grad scaler; weights via the hook below
+    accelerator.wait_for_everyone()  # save_state ends without a barrier; a slow rank may still be writing
+    problem = ""
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        write_model_files(tmp, unwrapped, corpus.tokenizer, {"step": step, **meta}, config.to_dict())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
-        for old in list_checkpoints(config.train.out_dir)[: -config.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        from accelerate.utils import RNG_STATE_NAME
+
+        missing = [f"{RNG_STATE_NAME}_{r}.pkl" for r in range(accelerator.num_processes)
+                   if not (tmp / f"{RNG_STATE_NAME}_{r}.pkl").is_file()]
+        if missing:
+            problem = (f"checkpoint {final.name} lacks {', '.join(missing)} after every rank saved: on several "
+                       "machines train.out_dir must be on storage they all share; the checkpoint is not published")
+        else:
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+            write_model_files(tmp, unwrapped, corpus.tokenizer,
+                              {"step": step, "corpus_sha256": corpus.sha256, **meta}, config.to_dict())
+            publish_folder(tmp, final, replace=True)  # fsync files and folders, then rename
+            write_atomic(root / "latest", final.name)
+            for old in list_checkpoints(out_dir)[: -config.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in root.glob(".step-*.old-*"):  # left by a crash between two renames
+                shutil.rmtree(stale, ignore_errors=True)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise TrainingError(problem)
     return final
 
 
@@ -250,10 +330,19 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint: the resumed run writes them again."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    """On resume, drop records past the checkpoint (the resumed run writes them again) and any torn
+    line a kill in mid-write left behind."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfig, start_step: int,
@@ -342,7 +431,14 @@ class TrainResult(NamedTuple):
 
 
 def main(config: RunConfig, start_from: Path | None) -> TrainResult:
-    """Train per `config`, continuing from checkpoint `start_from` if given."""
+    """Train per `config`, continuing from checkpoint `start_from` if given (setup() decides both)."""
+    try:
+        return _train(config, start_from)
+    finally:
+        release_run_folder(Path(config.train.out_dir))
+
+
+def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(config)
@@ -352,6 +448,8 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
     with accelerator.main_process_first():  # the main process downloads and tokenizes, the rest reuse its cache
         corpus = prepare(config.data)
+    if start_from is not None:
+        check_same_data(start_from, corpus)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
     for split in ("train", "val"):
         if len(corpus.split(split)) <= model_config.block_size:
@@ -382,7 +480,7 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             truncate_metrics(out_dir / "metrics.jsonl", start_step)
-        (out_dir / "run.json").write_text(json.dumps({**report, "resumed_from": str(start_from or "")}, indent=2))
+        write_atomic(out_dir / "run.json", json.dumps({**report, "resumed_from": str(start_from or "")}, indent=2))
     if t.tensorboard:
         accelerator.init_trackers("gpt", config={k: v for k, v in vars(t).items() if v is not None})
 

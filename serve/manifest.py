@@ -44,6 +44,10 @@ def read_manifest(export_dir: str | Path) -> dict:
     export_dir = Path(export_dir)
     path = export_dir / "manifest.json"
     if not export_dir.is_dir():
+        left = sorted(export_dir.parent.glob(f".{export_dir.name}.old-*")) if export_dir.parent.is_dir() else []
+        if left:
+            raise ExportError(f"{export_dir} is missing, and an export interrupted while replacing it left the "
+                              f"previous one at {left[-1]}: rename it back to {export_dir}, or export again")
         raise ExportError(f"{export_dir} is not a folder: pass the EXPORT_DIR written by `python -m export`")
     if not path.is_file():
         raise ExportError(f"{path} is missing: {export_dir} is not an export folder; run `python -m export RUN_DIR "
@@ -62,7 +66,36 @@ def read_manifest(export_dir: str | Path) -> dict:
     for key in ("model", "vocab", "inputs", "outputs", "files"):
         if key not in manifest:
             raise ExportError(f"{path} lacks {key!r}: the export is incomplete; export again")
+    _check_contents(path, manifest)
     return manifest
+
+
+def _check_contents(path: Path, manifest: dict) -> None:
+    """A manifest is data from disk: check what the runtime will act on before it acts on it."""
+    from gpt.config import ConfigError, model_config_from_dict
+    from gpt.tokenizer import CharTokenizer
+
+    bad = f"{path} is damaged or was edited"
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ExportError(f"{bad}: 'files' must map variants to file names; export again")
+    for variant, name in files.items():
+        # plain names inside the folder only: no separators, no '..', no absolute paths
+        if name != Path(name).name or name in ("", ".", "..") or "\\" in name or name.startswith("."):
+            raise ExportError(f"{bad}: the {variant} model file {name!r} is not a plain file name inside the "
+                              "export folder; export again")
+    try:
+        config = model_config_from_dict(manifest["model"] if isinstance(manifest["model"], dict) else {})
+        tokenizer = CharTokenizer.from_dict(manifest["vocab"] if isinstance(manifest["vocab"], dict) else {})
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{bad}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; export again") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ExportError(f"{bad}: its vocabulary has {tokenizer.vocab_size} tokens but the model has "
+                          f"{config.vocab_size}; export again")
+    layers = config.num_layers
+    if [i.get("name") for i in manifest["inputs"] if isinstance(i, dict)] != input_names(layers) or \
+            [o.get("name") for o in manifest["outputs"] if isinstance(o, dict)] != output_names(layers):
+        raise ExportError(f"{bad}: its inputs and outputs are not those of a {layers}-layer model; export again")
 
 
 def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") -> Path:
@@ -73,6 +106,8 @@ def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") ->
         flag = {"int8": " --int8", "fp16": " --fp16"}.get(variant, "")
         raise ExportError(f"{export_dir} has no {variant} model: export with `python -m export RUN_DIR DIR{flag}`")
     path = Path(export_dir) / name
+    if path.resolve().parent != Path(export_dir).resolve():  # a link pointing elsewhere
+        raise ExportError(f"{path} points outside the export folder: export again with `python -m export`")
     if not path.is_file():
         raise ExportError(f"{path} is missing from the export folder: export again with `python -m export`")
     return path

@@ -65,6 +65,19 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(model_path(export_dir, self.manifest, variant)), options,
                                             providers=providers)
         self.device = device
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph must be the one the manifest describes, or decoding fails later for every client."""
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        if graph_inputs != self.input_names or graph_outputs != self.output_names:
+            raise ExportError(f"{self.export_dir}: the {self.variant} graph's inputs and outputs differ from the "
+                              "manifest's; the folder mixes two exports: export again")
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != self.vocab_size:
+            raise ExportError(f"{self.export_dir}: the {self.variant} graph gives {width} logits per token but the "
+                              f"vocabulary has {self.vocab_size} tokens; the folder mixes two exports: export again")
 
     def warmup(self) -> None:
         """A short batched generation through every code path (prefill, splice, decode, sampling),

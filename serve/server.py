@@ -13,7 +13,6 @@ Imports no torch.
 
 import argparse
 import asyncio
-import hmac
 import json
 import os
 import secrets
@@ -33,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.sampling import SamplingParams
+from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.runtime import Batch, Event, OnnxModel, Sequence
 
 
@@ -43,8 +43,24 @@ class Limits:
     max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_n: int = 8  # completions per prompt
     max_prompts: int = 16  # prompts per request
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # counted as received, chunked or not
     max_request_seconds: float = 300.0  # a request still running then ends with what it has
+    read_timeout: float = 15.0  # seconds a client has to send its request's headers, and then its body
+    max_connections: int = 512  # open connections; past it the longest-idle one is closed
+
+
+# A request whose sequences the model loop has not finished this long after its deadline gets a
+# 504: the loop ends overdue sequences itself, so this only fires if the loop is stuck.
+DEADLINE_GRACE_S = 30.0
+
+
+def log_error(message: str, exc: BaseException) -> str:
+    """Write an internal failure, with its traceback, to the server's log; return the id that the
+    client is given instead of the text (which may hold paths and internals)."""
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    print(f"[{error_id}] {message}", file=sys.stderr)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return error_id
 
 
 class QueueFull(Exception):
@@ -93,9 +109,11 @@ class Scheduler:
         return self.thread.is_alive() and self.error is None
 
     def submit(self, request: Request) -> None:
-        if not self.healthy:
-            raise SchedulerDown(self.error or "the model loop is not running")
+        # Health is checked under the lock that the failure path holds while it sets `error` and
+        # collects the requests to wake: a request is either refused here or woken there.
         with self.lock:
+            if not self.healthy or self.stopping:
+                raise SchedulerDown(self.error or "the model loop is not running")
             if self.active + len(request.sequences) > self.limits.max_queue:
                 raise QueueFull()
             self.active += len(request.sequences)
@@ -142,18 +160,14 @@ class Scheduler:
                     for s in stale:
                         self.waiting.remove(s)
                     self.active -= len(stale)
-        except Exception as e:  # keep the reason; /health turns 503 and requests get 500
-            self.error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # /health turns 503 and requests get 500 with an id; the log has the rest
+            error_id = log_error(f"the model loop failed: {type(e).__name__}: {e}", e)
             with self.lock:  # wake every request still waiting, so none hangs
+                self.error = error_id
                 pending = list(self.waiting) + admit + list(self.batch.sequences)
+                self.waiting.clear()
             for request in {id(s.tag[0]): s.tag[0] for s in pending}.values():
                 request.loop.call_soon_threadsafe(request.events.put_nowait, None)
-            traceback.print_exc()  # into the server's log; the thread ends, /health says 503
-
-
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | None = None):
@@ -184,6 +198,8 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
 
     app = FastAPI(title="gpt completions", version="1", lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
+                       api_key=api_key)
 
     def fail(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
              code: str | None = None) -> JSONResponse:
@@ -204,24 +220,14 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
                 problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
         return fail(400, "; ".join(dict.fromkeys(problems)), param)
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        if api_key is not None:
-            header = request.headers.get("authorization", "")
-            if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
-                return fail(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                            kind="authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return fail(413, f"request body over {limits.max_body_bytes} bytes")
-        if length is None and request.method == "POST":
-            return fail(411, "send the body with a Content-Length header")
-        return await call_next(request)
+    def loop_failed() -> JSONResponse:
+        return fail(500, f"the model loop has failed (error id {scheduler.error}, in the server's log); restart "
+                    "the server", kind="server_error")
 
     @app.get("/health")
     async def health():
         if not scheduler.healthy:
-            return JSONResponse({"status": "unavailable", "error": scheduler.error}, status_code=503)
+            return JSONResponse({"status": "unavailable", "error_id": scheduler.error}, status_code=503)
         return {"status": "ok", "model": model_id, "active": scheduler.active}
 
     @app.get("/v1/models")
@@ -250,6 +256,9 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
                 ids.append(model.tokenizer.encode(p))
         except ValueError as e:
             return fail(400, str(e), "prompt" if "prompt" in str(e) or "vocabulary" in str(e) else None)
+        if len(ids) * body.n > limits.max_queue:  # would never fit, however long the client waited
+            return fail(400, f"{len(ids)} prompt(s) x n={body.n} is {len(ids) * body.n} sequences, over this "
+                        f"server's limit of {limits.max_queue}: send fewer prompts or a smaller n", "n")
         seed = body.seed if body.seed is not None else secrets.randbits(63)
         request = Request([], asyncio.get_running_loop(), deadline=time.monotonic() + limits.max_request_seconds)
         for i, p in enumerate(ids):
@@ -261,8 +270,14 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         except QueueFull:
             return fail(429, f"the server is at its limit of {limits.max_queue} sequences; retry shortly",
                         kind="rate_limit_error", code="queue_full")
-        except SchedulerDown as e:
-            return fail(500, f"the model loop has failed ({e}); restart the server", kind="server_error")
+        except SchedulerDown:
+            return loop_failed()
+        late = f"the model loop did not finish this request within {limits.max_request_seconds:g} s"
+
+        def overdue() -> float:
+            """Seconds left before a request waiting on a stuck loop is given up."""
+            return max(0.0, request.deadline + DEADLINE_GRACE_S - time.monotonic())
+
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id}
         prompt_tokens = sum(len(p) for p in ids)
@@ -272,9 +287,14 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
                 remaining = len(request.sequences)
                 try:
                     while remaining:
-                        event: Event | None = await request.events.get()
+                        try:
+                            event: Event | None = await asyncio.wait_for(request.events.get(), overdue())
+                        except asyncio.TimeoutError:
+                            yield f"data: {json.dumps(error_body(late, 'server_error'))}\n\n"
+                            return
                         if event is None:  # the model loop failed: end the stream with an error
-                            failed = error_body(f"the model loop has failed ({scheduler.error})", "server_error")
+                            failed = error_body(f"the model loop has failed (error id {scheduler.error})",
+                                                "server_error")
                             yield f"data: {json.dumps(failed)}\n\n"
                             return
                         index = event.sequence.tag[1]
@@ -292,14 +312,15 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         try:
             while remaining:
                 try:
-                    event = await asyncio.wait_for(request.events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(request.events.get(), timeout=min(0.5, overdue()))
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return fail(499, "client closed the request")
+                    if overdue() == 0:
+                        return fail(504, late, kind="server_error", code="timeout")
                     continue
                 if event is None:
-                    return fail(500, f"the model loop has failed ({scheduler.error}); restart the server",
-                                kind="server_error")
+                    return loop_failed()
                 remaining -= event.finished
         finally:
             request.cancelled = remaining > 0
@@ -313,7 +334,8 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
     # Any other failure is a 500 in OpenAI's shape; the server goes on.
     @app.exception_handler(Exception)
     async def crashed(request, exc: Exception):
-        return fail(500, f"internal error: {type(exc).__name__}", kind="server_error")
+        error_id = log_error(f"{request.method} {request.url.path} failed: {type(exc).__name__}: {exc}", exc)
+        return fail(500, f"internal error (error id {error_id}, in the server's log)", kind="server_error")
 
     return app
 
@@ -335,17 +357,33 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=64, help="sequences waiting or running before 429")
     parser.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens allowed")
     parser.add_argument("--max-request-seconds", type=float, default=300.0)
-    parser.add_argument("--api-key", default=os.environ.get("GPT_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $GPT_API_KEY, else no key)")
+    parser.add_argument("--read-timeout", type=float, default=15.0,
+                        help="seconds a client has to send a request's headers, and then its body (default 15)")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="open connections; past it the longest-idle one is closed (default 512)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY'; prefer setting $GPT_API_KEY, since a flag is "
+                        "visible to every local user in the process list (default: $GPT_API_KEY, else no key)")
     parser.add_argument("--model-id", default=None, help="the name clients use (default: the export folder's)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from serve.manifest import ExportError
 
-    for name in ("max_batch", "max_queue", "max_new_tokens_limit"):
+    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "max_connections"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    for name in ("max_request_seconds", "read_timeout"):
+        value = getattr(args, name)
+        if not (0 < value < float("inf")):
+            print(f"error: --{name.replace('_', '-')}={value} must be a positive number of seconds", file=sys.stderr)
+            return 2
+    api_key = args.api_key
+    if api_key is not None:
+        print("warning: --api-key is visible to every user of this machine in the process list; set GPT_API_KEY "
+              "instead", file=sys.stderr)
+    else:
+        api_key = os.environ.get("GPT_API_KEY") or None
     try:
         model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model)
         model.warmup()
@@ -355,11 +393,13 @@ def run(argv: list[str] | None = None) -> int:
     import uvicorn
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens_limit,
-                    max_request_seconds=args.max_request_seconds)
+                    max_request_seconds=args.max_request_seconds, read_timeout=args.read_timeout,
+                    max_connections=args.max_connections)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
-    app = create_app(model, limits, model_id, args.api_key)
+    app = create_app(model, limits, model_id, api_key)
     print(f"serving {model_id} ({args.model} on {args.device}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    protocol = ConnectionGuard.configured(limits.read_timeout, limits.max_connections)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, http=protocol)
     return 0
 
 

@@ -3,6 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu_ddp.yaml tests/ddp_probe.py CONFIG [--fail-rank R] ...
 
 --fail-rank/--fail-step make one rank raise in the middle of training, to check the job ends.
+--slow-save-rank makes one rank write its part of every checkpoint a second late.
 """
 
 import argparse
@@ -20,8 +21,22 @@ parser = argparse.ArgumentParser()
 parser.add_argument("config")
 parser.add_argument("--fail-rank", type=int, default=None)
 parser.add_argument("--fail-step", type=int, default=5)
+parser.add_argument("--slow-save-rank", type=int, default=None)
 args, overrides = parser.parse_known_args()
 rank = int(os.environ.get("RANK", "0"))
+
+if args.slow_save_rank == rank:
+    import time
+
+    import accelerate.accelerator
+
+    real_save = accelerate.accelerator.save_accelerator_state
+
+    def slow_save(*a, **k):
+        time.sleep(1.0)
+        return real_save(*a, **k)
+
+    accelerate.accelerator.save_accelerator_state = slow_save
 
 if args.fail_rank == rank:
     real_get_batch = train.get_batch

@@ -56,6 +56,21 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
                                torch.tensor(train_losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
 
 
+def test_a_checkpoint_waits_for_every_rank_and_holds_each_ranks_state(tmp_path):
+    """Rank 1 writes its part of each checkpoint late: nothing is published without it."""
+    out = tmp_path / "slow"
+    proc = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY), f"--train.out_dir={out}",
+                      *COMMON, "--train.checkpoint_interval=10", "--slow-save-rank", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000010", "step-000020"]  # no temp left
+    for step in ("step-000010", "step-000020"):
+        meta = json.loads((checkpoints / step / "meta.json").read_text())
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(meta["files"]), step
+        for name, size in meta["files"].items():
+            assert (checkpoints / step / name).stat().st_size == size, (step, name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

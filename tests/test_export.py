@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,72 @@ def test_export_refuses_to_overwrite(run_dir, export_dir):
     proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(export_dir)], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "--force" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _export(*args):
+    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True)
+
+
+def test_force_never_replaces_the_runs_folder_or_a_folder_that_is_not_an_export(run_dir, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "a")
+    (runs / "b").mkdir()
+    before = sorted(str(p.relative_to(runs)) for p in runs.rglob("*"))
+    for dest in (runs, runs / "a", runs / "a" / "checkpoints"):  # the folder above the checkpoint, or holding it
+        proc = _export(runs / "a", dest, "--force")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "holds the checkpoint" in proc.stderr or "not an export folder" in proc.stderr
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    proc = _export(runs / "a", notes, "--force")
+    assert proc.returncode == 2 and "not an export folder" in proc.stderr
+    assert sorted(str(p.relative_to(runs)) for p in runs.rglob("*")) == before
+    assert (notes / "todo.txt").read_text() == "mine"
+
+
+def test_force_refuses_an_export_folder_holding_files_of_its_own(export_dir, tmp_path):
+    dest = tmp_path / "exp"
+    shutil.copytree(export_dir, dest)
+    (dest / "README.md").write_text("my notes")
+    proc = _export(Path(read_manifest(dest)["source"]["checkpoint"]), dest, "--force")
+    assert proc.returncode == 2 and "README.md" in proc.stderr and (dest / "README.md").is_file()
+
+
+def test_force_replaces_an_earlier_export(export_dir, run_dir, tmp_path):
+    dest = tmp_path / "exp"
+    shutil.copytree(export_dir, dest)
+    proc = _export(run_dir, dest, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "model.onnx"]  # the new export, no int8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp or aside folder left
+
+
+def test_a_manifest_may_not_point_outside_its_folder_or_disagree_with_its_graph(export_dir, tmp_path):
+    def edited(change):
+        dest = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(export_dir, dest)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        change(manifest)
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+        return dest
+
+    for name in ("../model.onnx", str(export_dir / "model.onnx"), "/etc/passwd", "..", ".hidden.onnx"):
+        with pytest.raises(ExportError, match="not a plain file name"):
+            OnnxModel(edited(lambda m: m["files"].update(fp32=name)))
+    shrink = edited(lambda m: (m["vocab"]["chars"].pop(), m["model"].update(vocab_size=64)))
+    with pytest.raises(ExportError, match="gives 65 logits per token but the vocabulary has 64"):
+        OnnxModel(shrink)
+    with pytest.raises(ExportError, match="vocabulary has 64 tokens but the model has 65"):
+        OnnxModel(edited(lambda m: m["vocab"]["chars"].pop()))
+    with pytest.raises(ExportError, match="num_heads"):
+        OnnxModel(edited(lambda m: m["model"].update(num_heads=0)))
+    link = edited(lambda m: None)
+    (link / "model.onnx").unlink()
+    (link / "model.onnx").symlink_to(export_dir / "model.onnx")
+    with pytest.raises(ExportError, match="points outside the export folder"):
+        OnnxModel(link)
 
 
 def _serve(*args):

@@ -1,6 +1,7 @@
 """The HTTP server, as a real process on loopback, over real HTTP."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -21,13 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(export_dir, *args):
+def start_server(export_dir, *args, **env):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
-                             "--threads", "1", *args], cwd=ROOT, env=subprocess_env(),
+                             "--threads", "1", *args], cwd=ROOT, env=subprocess_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"} if "--api-key" in args else {}
+    key = args[args.index("--api-key") + 1] if "--api-key" in args else env.get("GPT_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -218,19 +220,158 @@ def test_memory_stays_flat_over_1000_requests(server):
     assert after_1000 - after_100 < 5 * 1024, (after_100, after_1000)
 
 
-def test_api_key_and_a_full_queue(export_dir):
-    proc, url = start_server(export_dir, "--api-key", "s3cret", "--max-queue", "2", "--max-batch", "1")
+def test_api_key_from_the_environment_and_a_full_queue(export_dir):
+    proc, url = start_server(export_dir, "--max-queue", "2", "--max-batch", "1", GPT_API_KEY="s3cret")
     try:
         assert requests.get(f"{url}/v1/models").status_code == 401
         r = requests.post(f"{url}/v1/completions", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         auth = {"Authorization": "Bearer s3cret"}
         assert requests.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, headers=auth).ok
+        # a request that could never fit is the client's error, not a reason to retry
         r = requests.post(f"{url}/v1/completions", json={"prompt": "a", "n": 3}, headers=auth)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "n" and "limit of 2" in error["message"]
+        # a queue that is full now is: 429
+        busy = requests.post(f"{url}/v1/completions", json={"prompt": "a", "n": 2, "max_tokens": 256, "stream": True},
+                             headers=auth, stream=True, timeout=60)
+        next(busy.iter_lines())
+        r = requests.post(f"{url}/v1/completions", json={"prompt": "a"}, headers=auth)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        busy.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    assert "warning" not in proc.stdout.read()
+
+
+def test_an_api_key_given_as_a_flag_is_accepted_with_a_warning(export_dir):
+    proc, url = start_server(export_dir, "--api-key", "s3cret")
+    try:
+        assert requests.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}).ok
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "--api-key is visible to every user of this machine in the process list; set GPT_API_KEY" in \
+        proc.stdout.read()
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(server, expected):
+    url, _ = server
+    r = complete(url, prompt="ROMEO:", max_tokens=20, temperature=1e-310, seed=4)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected("ROMEO:", 20, 4, temperature=0.0)
+
+
+# --- hostile clients: bytes, time and connections -------------------------------------------------
+
+def raw(url: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection; return everything the server answers before closing."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        return answer
+
+
+def post_head(path="/v1/completions", **headers) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunked(body: bytes, size: int = 1 << 16) -> bytes:
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(server):
+    url, proc = server
+    small = json.dumps({"prompt": "ROMEO:", "max_tokens": 3, "seed": 1}).encode()
+    ok = raw(url, post_head(Transfer_Encoding="chunked", Connection="close") + chunked(small))
+    assert ok.startswith(b"HTTP/1.1 200")
+    before = rss_kb(proc.pid)
+    huge = json.dumps({"prompt": "a" * (8 << 20)}).encode()  # 8 MB, claiming no length
+    answer = raw(url, post_head(Transfer_Encoding="chunked") + chunked(huge))
+    assert answer.startswith(b"HTTP/1.1 413") and b"over 1048576 bytes" in answer
+    assert rss_kb(proc.pid) - before < 20 * 1024  # the body was never held whole
+    assert complete(url, prompt="ROMEO:", max_tokens=3).status_code == 200
+
+
+def test_content_length_and_transfer_encoding_together_are_refused(server):
+    url, _ = server
+    answer = raw(url, post_head(Content_Length="2", Transfer_Encoding="chunked") + chunked(b"{}" * 1000))
+    assert answer.startswith(b"HTTP/1.1 400") and b"not both" in answer
+    assert complete(url, prompt="ROMEO:", max_tokens=3).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def strict_server(export_dir):
+    """A server with a 1-second read timeout and room for 20 connections."""
+    proc, url = start_server(export_dir, "--read-timeout", "1", "--max-connections", "20")
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def open_fds(pid: int) -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_half_sent_requests_are_closed_after_the_read_timeout(strict_server):
+    url, proc = strict_server
+    host, port = url.removeprefix("http://").split(":")
+    baseline = open_fds(proc.pid)
+    socks = []
+    for i in range(15):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(b"POST /v1/compl" if i % 3 else post_head(Content_Length="100") + b'{"prompt": ')
+        socks.append(s)
+    time.sleep(0.3)
+    assert open_fds(proc.pid) >= baseline + 15
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200  # others are served meanwhile
+    time.sleep(2.0)
+    answers = []
+    for s in socks:
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        answers.append(data)
+        s.close()
+    assert all(a == b"" for i, a in enumerate(answers) if i % 3)  # no headers in time: closed
+    assert all(a.startswith(b"HTTP/1.1 408") for i, a in enumerate(answers) if not i % 3)  # body never came
+    deadline = time.time() + 5
+    while open_fds(proc.pid) > baseline + 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert open_fds(proc.pid) <= baseline + 1
+
+
+def test_past_the_connection_cap_the_idle_ones_go_first(strict_server):
+    url, proc = strict_server
+    host, port = url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(60)]
+    for s in idle:
+        s.sendall(b"GET /hea")
+    try:
+        for _ in range(5):  # every new client still gets through, the idle ones are shed
+            assert requests.get(f"{url}/health", timeout=5).status_code == 200
+        assert complete(url, prompt="ROMEO:", max_tokens=3).status_code == 200
+        assert open_fds(proc.pid) < 20 + 40
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_binds_to_loopback_by_default():
@@ -241,7 +382,7 @@ def test_binds_to_loopback_by_default():
     assert proc.returncode == 0 and "default 127.0.0.1" in proc.stdout
 
 
-def test_a_failed_model_loop_answers_500_instead_of_hanging(export_dir):
+def test_a_failed_model_loop_answers_500_instead_of_hanging(export_dir, capfd):
     """If decoding ever raises, waiting requests end with a 500 and /health turns 503."""
     from fastapi.testclient import TestClient
 
@@ -255,7 +396,42 @@ def test_a_failed_model_loop_answers_500_instead_of_hanging(export_dir):
     model.run = broken
     with TestClient(create_app(model, Limits(), "tiny")) as client:
         r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5})
-        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
-        assert client.get("/health").status_code == 503
+        message = r.json()["error"]["message"]
+        assert r.status_code == 500 and "injected failure" not in message  # internals stay in the log
+        error_id = re.search(r"error id (err-[0-9a-f]{12})", message).group(1)
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "unavailable", "error_id": error_id}
         again = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5})
         assert again.status_code == 500  # refused at once, not queued behind a dead loop
+    log = capfd.readouterr().err
+    assert f"[{error_id}] the model loop failed: RuntimeError: injected failure" in log and "Traceback" in log
+
+
+def test_a_request_arriving_as_the_loop_dies_is_never_left_waiting(export_dir):
+    """The failure path and submit() share one lock: each request is refused or woken, none hangs."""
+    from fastapi.testclient import TestClient
+
+    from serve.server import Limits, create_app
+
+    model = OnnxModel(export_dir, threads=1)
+    real_run, calls = model.run, []
+
+    def dies_soon(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("injected failure")
+        return real_run(*args, **kwargs)
+
+    model.run = dies_soon
+    statuses = []
+    with TestClient(create_app(model, Limits(max_request_seconds=5), "tiny")) as client:
+        def one(i):
+            statuses.append(client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 50,
+                                                                 "stream": i % 2 == 0}).status_code)
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads)
+    assert len(statuses) == 16 and set(statuses) <= {200, 500}

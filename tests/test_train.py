@@ -147,3 +147,116 @@ def test_cli_help():
     proc = subprocess.run([sys.executable, "-m", "launch", "--help"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--resume" in proc.stdout and "--section.key=value" in proc.stdout
+
+
+# --- lose nothing: what a crash, a second run or a diverging step may not break ---------------------
+
+def test_a_checkpoint_is_flushed_to_disk_before_it_is_published_and_before_latest_moves(tmp_path, fresh_accelerate,
+                                                                                        monkeypatch):
+    from test_files import DiskLog
+
+    disk = DiskLog(monkeypatch)
+    run(tmp_path, "--train.max_iters=20")
+    final = tmp_path / "checkpoints" / "step-000020"
+    (publish,) = disk.renames(final)
+    tmp = disk.events[publish][1]
+    for name in json.loads((final / "meta.json").read_text())["files"]:
+        assert disk.synced_before(os.path.join(tmp, name), publish), name
+    assert disk.synced_before(os.path.join(tmp, "meta.json"), publish) and disk.synced_before(tmp, publish)
+    (pointer,) = disk.renames(tmp_path / "checkpoints" / "latest")
+    assert pointer > publish and disk.synced_after(tmp_path / "checkpoints", pointer)
+
+
+def test_an_incomplete_checkpoint_is_skipped_and_resume_falls_back(tmp_path, fresh_accelerate):
+    run(tmp_path, "--train.max_iters=40")
+    newest = tmp_path / "checkpoints" / "step-000040"
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["files"]["optimizer.bin"] == (newest / "optimizer.bin").stat().st_size
+    assert "random_states_0.pkl" in meta["files"] and len(meta["corpus_sha256"]) == 64
+    with open(newest / "optimizer.bin", "r+b") as f:  # a disk that lost the file's tail
+        f.truncate(100)
+    assert latest_checkpoint(tmp_path).name == "step-000020"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020"]
+    config, start = setup(str(TINY), [f"--train.out_dir={tmp_path}", "--train.max_iters=40"], resume=True)
+    assert start.name == "step-000020"
+    main(config, start)
+    assert latest_checkpoint(tmp_path).name == "step-000040"
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, fresh_accelerate, monkeypatch):
+    """A step that overflows the weights right before a save: the loss check cannot see it, the save must."""
+    real_step, steps = torch.optim.AdamW.step, []
+
+    def overflowing_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 30:  # the optimizer step that ends step 30, a save step
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    with pytest.raises(TrainingError, match="inf/NaN at step 30") as e:
+        run(tmp_path, "--train.max_iters=40", "--train.checkpoint_interval=10", "--train.eval_interval=100")
+    assert "step-000020" in str(e.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000020"]
+    assert latest_checkpoint(tmp_path).name == "step-000020"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # refused before anything was written
+    model, _, _ = load_checkpoint(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_second_run_on_the_same_out_dir_fails_at_once_naming_the_first(tmp_path):
+    first = _launch(tmp_path, "--train.max_iters=100000", "--train.checkpoint_interval=1000")
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "metrics.jsonl").is_file():  # the first run is training
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()
+            time.sleep(0.05)
+        start = time.time()
+        second = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={tmp_path}",
+                                 "--resume"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+        assert second.returncode == 2 and time.time() - start < 30
+        line = second.stderr.strip()
+        assert len(line.splitlines()) == 1 and f"in use by pid {first.pid}" in line and "--train.out_dir" in line
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resume_refuses_a_changed_corpus_or_vocabulary(tmp_path, fresh_accelerate):
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text[:200_000])
+    out = tmp_path / "run"
+    run(out, "--train.max_iters=20", f"--data.path={corpus}")
+    corpus.write_text(text[:200_000].replace("e", "a", 5))  # same characters, other text: ids would still fit
+    config, start = setup(str(TINY), [f"--train.out_dir={out}", "--train.max_iters=40", f"--data.path={corpus}"],
+                          resume=True)
+    with pytest.raises(TrainingError, match="corpus has sha256 .* the run trained on"):
+        main(config, start)
+    corpus.write_text(text[:200_000] + "\u00e9")  # one more character: every id past it would shift
+    with pytest.raises(TrainingError, match="tokenizer differs"):
+        main(config, start)
+    assert latest_checkpoint(out).name == "step-000020"
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, fresh_accelerate):
+    run(tmp_path, "--train.max_iters=20")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "train_lo')  # killed mid-write
+    run(tmp_path, "--train.max_iters=30", resume=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.grad_clip=nan", "train.grad_clip=nan must be a finite number"),
+    ("--train.learning_rate=inf", "train.learning_rate=inf must be a finite number"),
+    ("--train.seed=-1", "train.seed=-1 must be in [0, 2**32 - 1]"),
+    ("--train.seed=4294967296", "train.seed=4294967296 must be in [0, 2**32 - 1]"),
+])
+def test_non_finite_floats_and_out_of_range_seeds_fail_before_any_work(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("*", r"\*")):
+        setup(str(TINY), [f"--train.out_dir={tmp_path / 'never'}", override], resume=False)
+    assert not (tmp_path / "never").exists()
