@@ -9,11 +9,14 @@ import sys
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export a training run (its latest checkpoint) or a checkpoint folder to a verified ONNX "
+        description="Export a training run (its best or latest checkpoint) or a checkpoint folder to a verified ONNX "
         "model with a KV cache: model.onnx + manifest.json, checked against PyTorch before it is written.",
         epilog="Example: python -m export runs/shakespeare_char_cpu exports/shakespeare_char_cpu --int8",
     )
     parser.add_argument("source", help="a run's out_dir, or one of its checkpoints/step-NNNNNN folders")
+    parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
+                        help="from a run's out_dir: the checkpoint with the lowest validation loss (default; the "
+                        "latest if none was evaluated) or the latest")
     parser.add_argument("export_dir", help="folder to write (must be new or empty, unless --force)")
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (fp16 weights, fp32 I/O)")
@@ -33,7 +36,7 @@ def run(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, opset=args.opset,
-                          force=args.force)
+                          force=args.force, checkpoint=args.checkpoint)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@
                             size of every other file in the folder (written last)
         optimizer.bin, random_states_*.pkl, ...   resumable state written by Accelerate's save_state
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
+    RUN_DIR/checkpoints/best     the name of the one with the lowest validation loss (kept when pruning)
 
 A checkpoint is complete when meta.json is there and every file it lists has the recorded size;
 readers skip incomplete ones (a disk that lost the tail of a file, a folder copied in part).
@@ -85,11 +86,27 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint folder or a run's out_dir (its latest checkpoint)."""
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the lowest validation loss, as the `best` pointer names it."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "best"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if STEP_DIR.match(target.name) and target.is_dir() and not missing_files(target):
+            return target
+    return None
+
+
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """Accept a checkpoint folder, or a run's out_dir: its `latest` checkpoint, or its `best` (lowest
+    validation loss; the latest if none was marked)."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
+    if which not in ("best", "latest"):
+        raise CheckpointError(f"checkpoint {which!r} is unknown: use best or latest")
+    if which == "best" and best_checkpoint(path) is not None:
+        return best_checkpoint(path)
     latest = latest_checkpoint(path)
     if latest is None and (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path}/checkpoints holds no complete checkpoint: train longer, or resume the run")
@@ -138,9 +155,9 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(device)))
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[GPT, CharTokenizer, dict]:
-    """(model in eval mode, tokenizer, meta) from a checkpoint folder or a run folder."""
-    folder = resolve_checkpoint(path)
+def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest") -> tuple[GPT, CharTokenizer, dict]:
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder or a run folder (see resolve_checkpoint)."""
+    folder = resolve_checkpoint(path, which)
     meta = read_meta(folder)
     missing = missing_files(folder)
     if missing:

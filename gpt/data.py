@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gpt.config import DataConfig
-from gpt.files import fsync_path
+from gpt.files import fsync_path, waiting_lock
 from gpt.tokenizer import CharTokenizer
 
 TINYSHAKESPEARE_URL = (
@@ -144,9 +144,14 @@ def prepare(config: DataConfig, url: str | None = None) -> TokenizedCorpus:
 
     The cache entry is keyed by the text's sha256, so editing the text makes a new entry. Files are
     written under a temporary name, flushed to disk and renamed, so a killed run or a power cut never
-    leaves a half entry. In
-    distributed runs call it under `accelerator.main_process_first()`.
+    leaves a half entry. Processes that call it together (the ranks of a run) take turns on a lock
+    in the cache: the first downloads and tokenizes, the others then find the entry ready.
     """
+    with waiting_lock(cache_dir() / "prepare.lock"):
+        return _prepare(config, url)
+
+
+def _prepare(config: DataConfig, url: str | None) -> TokenizedCorpus:
     corpus = resolve_corpus(config, url)
     digest = sha256_file(corpus)
     entry = cache_dir() / "tokens" / digest[:24]

@@ -11,6 +11,7 @@ are all written through them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -91,6 +92,20 @@ def restore_aside(final: str | Path) -> None:
     if left and not final.exists():
         os.replace(left[0], final)
         fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path):
+    """Hold an exclusive lock on `path` (created if need be), waiting as long as another holds it."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class FolderInUse(RuntimeError):

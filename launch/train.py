@@ -12,6 +12,7 @@ from its last checkpoint ends bit-identical (on CPU) to one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -28,10 +29,12 @@ from typing import NamedTuple
 import torch
 
 from gpt.checkpoint import (
+    best_checkpoint,
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_weights,
+    missing_files,
     read_meta,
     tokenizer_sha256,
     write_model_files,
@@ -47,24 +50,39 @@ class TrainingError(RuntimeError):
     """Training cannot go on. The message says why and what to do."""
 
 
-# Dense peak FLOP/s by GPU name and precision, for MFU. Unknown devices show no MFU.
+# Dense peak FLOP/s for MFU, by the exact name torch.cuda.get_device_name() gives (less "NVIDIA "),
+# per mixed_precision; "no" is fp32, which runs on TF32 tensor cores (make_accelerator allows it).
+# Variants differ (H100 SXM, PCIe and NVL are three numbers), so a name not listed gets no MFU
+# rather than a guess.
+_HOPPER_SXM = {"bf16": 989e12, "fp16": 989e12, "no": 494e12}
+_AMPERE_A100 = {"bf16": 312e12, "fp16": 312e12, "no": 156e12}
 PEAK_FLOPS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "no": 495e12},  # SXM; fp32 runs on TF32 tensor cores
-    "H200": {"bf16": 989e12, "fp16": 989e12, "no": 495e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "no": 156e12},
+    "H100 80GB HBM3": _HOPPER_SXM,
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "no": 378e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "no": 417e12},
+    "H200": _HOPPER_SXM,
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "no": 417e12},
+    "A100-SXM4-40GB": _AMPERE_A100,
+    "A100-SXM4-80GB": _AMPERE_A100,
+    "A100-PCIE-40GB": _AMPERE_A100,
+    "A100 80GB PCIe": _AMPERE_A100,
+    "A10": {"bf16": 125e12, "fp16": 125e12, "no": 62.5e12},
     "L4": {"bf16": 121e12, "fp16": 121e12, "no": 60e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "no": 83e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "no": 183e12},
+    "GeForce RTX 4090": {"bf16": 165e12, "fp16": 165e12, "no": 82.6e12},
 }
+
+
+def peak_flops_for(name: str, precision: str) -> float | None:
+    """The peak for a GPU name as torch reports it, or None for a GPU not in the table."""
+    table = PEAK_FLOPS.get(name.strip().removeprefix("NVIDIA ").strip())
+    return None if table is None else table[precision]
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, table in PEAK_FLOPS.items():
-        if key in name:
-            return table[precision]
-    return None
+    return peak_flops_for(torch.cuda.get_device_name(device), precision)
 
 
 def get_lr(step: int, config: RunConfig) -> float:
@@ -176,7 +194,7 @@ def check_world_size(joined: int) -> None:
 def make_accelerator(config: RunConfig):
     """An Accelerator that really synchronises, on GPUs or on CPU processes (gloo)."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
     t = config.train
     # Without a GPU, DDP over CPU processes needs Accelerator(cpu=True): otherwise each process
@@ -196,6 +214,9 @@ def make_accelerator(config: RunConfig):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=str(Path(t.out_dir) / "tensorboard")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+        # prepare() compiles after wrapping in DDP, so unwrap_model(keep_torch_compile=False) gives
+        # back the plain model and checkpoints keep plain keys (compiling first would save `_orig_mod.`)
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
     )
     check_world_size(accelerator.num_processes)
     if use_cpu:
@@ -231,6 +252,21 @@ def environment_report(accelerator, config: RunConfig, model: GPT) -> dict:
     }
 
 
+def agree_on_start(accelerator, start_from: Path | None) -> Path | None:
+    """Every rank resumes from the checkpoint the main process chose: on a shared file system that
+    lags, ranks looking for themselves could each find a different newest checkpoint."""
+    if accelerator.num_processes == 1:
+        return start_from
+    from accelerate.utils import broadcast_object_list
+
+    chosen = broadcast_object_list([str(start_from) if start_from is not None else None])[0]
+    path = Path(chosen) if chosen is not None else None
+    if path is not None and missing_files(path):
+        raise TrainingError(f"rank {accelerator.process_index} cannot read checkpoint {path} (chosen by the main "
+                            "process) whole: train.out_dir must be on storage every machine shares")
+    return path
+
+
 # --- evaluation and checkpoints -------------------------------------------------------------------
 
 @torch.no_grad()
@@ -251,6 +287,19 @@ def validate(model, corpus: TokenizedCorpus, config: RunConfig, accelerator) -> 
     return losses
 
 
+@contextlib.contextmanager
+def one_scaler_writer(accelerator):
+    """With fp16, save_state writes the (identical) grad scaler from every rank into the same
+    scaler.pt; on a shared file system those writes race. Only the main process keeps it."""
+    scaler = accelerator.scaler
+    if scaler is not None and not accelerator.is_main_process:
+        accelerator.scaler = None
+    try:
+        yield
+    finally:
+        accelerator.scaler = scaler
+
+
 def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConfig, step: int, meta: dict) -> Path:
     """Write checkpoints/step-NNNNNN so that it is published whole or not at all.
 
@@ -258,7 +307,9 @@ def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConf
     own RNG file) into a temporary folder, and all wait until every one has finished. Only then does
     the main process check that each rank's file is there, write the model files and meta.json
     (which lists every file with its size), flush it all to disk, rename the folder into place, move
-    the `latest` pointer and prune to the newest keep_checkpoints. A failure is raised on every rank.
+    the `latest` pointer (and `best`, if this step was evaluated and its validation loss is the
+    lowest yet) and prune to the newest keep_checkpoints plus the best. A failure is raised on every
+    rank.
     """
     out_dir = Path(config.train.out_dir)
     root = out_dir / "checkpoints"
@@ -280,7 +331,8 @@ def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConf
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # optimizer, RNG states, grad scaler; weights via the hook below
+    with one_scaler_writer(accelerator):
+        accelerator.save_state(str(tmp))  # optimizer, RNG states, grad scaler; weights via the hook below
     accelerator.wait_for_everyone()  # save_state ends without a barrier; a slow rank may still be writing
     problem = ""
     if accelerator.is_main_process:
@@ -297,8 +349,14 @@ def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConf
                               {"step": step, "corpus_sha256": corpus.sha256, **meta}, config.to_dict())
             publish_folder(tmp, final, replace=True)  # fsync files and folders, then rename
             write_atomic(root / "latest", final.name)
+            best = best_checkpoint(out_dir)
+            if meta.get("evaluated_at") == step and math.isfinite(meta.get("val_loss", math.inf)) and (
+                    best is None or meta["val_loss"] < read_meta(best).get("val_loss", math.inf)):
+                write_atomic(root / "best", final.name)
+                best = final
             for old in list_checkpoints(out_dir)[: -config.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != best:  # the best validation loss is kept however old it is
+                    shutil.rmtree(old, ignore_errors=True)
             for stale in root.glob(".step-*.old-*"):  # left by a crash between two renames
                 shutil.rmtree(stale, ignore_errors=True)
     if accelerator.num_processes > 1:
@@ -411,7 +469,7 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
                 append_metrics(metrics_path, {"step": done, "eval_train_loss": losses["train"],
                                               "val_loss": losses["val"], "time": time.time()})
             accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"]}, step=done)
-            last.update(eval_train_loss=losses["train"], val_loss=losses["val"])
+            last.update(eval_train_loss=losses["train"], val_loss=losses["val"], evaluated_at=done)
             if not math.isfinite(losses["val"]):
                 raise TrainingError(f"validation loss is {losses['val']} at step {done}: training diverged; "
                                     f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}")
@@ -446,8 +504,11 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     out_dir = Path(t.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-    with accelerator.main_process_first():  # the main process downloads and tokenizes, the rest reuse its cache
-        corpus = prepare(config.data)
+    start_from = agree_on_start(accelerator, start_from)
+    # Every rank calls prepare(): a lock in the cache lets the first one download and tokenize while
+    # the others wait on the lock, not in a collective, so a long first tokenization cannot run
+    # into the process group's timeout.
+    corpus = prepare(config.data)
     if start_from is not None:
         check_same_data(start_from, corpus)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
@@ -465,9 +526,10 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     # fused AdamW: one kernel for all parameters, on CUDA and (since torch 2.4) on CPU
     optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
                                   betas=(t.beta1, t.beta2), fused=True)
-    if t.compile:
-        model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # From here each rank draws its own random numbers (dropout masks), as nanoGPT offsets the seed
+    # by rank; rank 0 keeps the seed, so one process trains as before. Batches do not depend on it.
+    set_seed(t.seed + accelerator.process_index)
     accelerator.register_save_state_pre_hook(_skip_weights_in_save_state)
     accelerator.register_load_state_pre_hook(_load_weights_for_load_state)
 
@@ -490,6 +552,9 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
         f"({report['device']}) · world size {report['world_size']} · precision {report['mixed_precision']} · "
         f"{torch.get_num_threads()} threads/process"
     )
+    if accelerator.device.type == "cuda" and peak_flops(accelerator.device, accelerator.mixed_precision) is None:
+        console.log(f"MFU: unknown GPU {torch.cuda.get_device_name(accelerator.device)!r} (no peak in "
+                    "launch.train.PEAK_FLOPS), so no MFU is shown")
     console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
                 f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
                 f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {out_dir}")

@@ -28,6 +28,9 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tf32", action="store_true",
+                        help="on CUDA, let fp32 matmuls use TF32 (faster on Ampere and newer; logits then differ "
+                        "from the verified fp32 ones by about 1e-3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     parser.add_argument("--model", choices=["fp32", "int8", "fp16"], default="fp32", help="which exported model")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -38,7 +41,8 @@ def run(argv: list[str] | None = None) -> int:
 
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
-        model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model)
+        model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model,
+                          tf32=args.tf32)
         for prompt in args.prompt:
             validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
         model.warmup()

@@ -36,7 +36,8 @@ def _ort():
 class OnnxModel:
     """One onnxruntime session over an export folder, with the cache kept on the device."""
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int = 0, variant: str = "fp32"):
+    def __init__(self, export_dir: str | Path, device: str = "cpu", threads: int = 0, variant: str = "fp32",
+                 tf32: bool = False):
         ort = _ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(export_dir)
@@ -53,17 +54,29 @@ class OnnxModel:
             raise ExportError(
                 "device cuda needs onnxruntime-gpu, and this onnxruntime has only "
                 f"{', '.join(ort.get_available_providers())}: "
-                "pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+                'pip uninstall -y onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]"'
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        self.variant = variant
+        # onnxruntime's CUDA provider uses TF32 for fp32 matmuls unless told not to: off by default,
+        # so an fp32 model gives the logits (and the tokens) that the parity checks compare.
+        cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})
+        providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self.variant, self.tf32 = variant, tf32
         self.session = ort.InferenceSession(str(model_path(export_dir, self.manifest, variant)), options,
                                             providers=providers)
+        # What is built in is not what a session gets: without the CUDA and cuDNN libraries
+        # onnxruntime-gpu quietly falls back to the CPU. Check what this session really runs on.
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ExportError(
+                "onnxruntime-gpu could not start its CUDA provider, so the session fell back to the CPU: it needs "
+                "the CUDA 12 and cuDNN 9 libraries (libcudart.so.12, libcublasLt.so.12, libcudnn.so.9) on the "
+                'library path; pip install "onnxruntime-gpu[cuda,cudnn]" brings them (onnxruntime\'s log above '
+                "names the one it missed)"
+            )
         self.device = device
         self._check_graph()
 

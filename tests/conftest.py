@@ -52,12 +52,15 @@ def fresh_accelerate():
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for a child process: this repo importable, one thread, the same data and cache."""
+def subprocess_env(cuda: bool = False, **extra: str) -> dict[str, str]:
+    """Environment for a child process: this repo importable, one thread, the same data and cache,
+    and no GPU unless asked for (so the suite gives the same results on a GPU machine)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     return env
 

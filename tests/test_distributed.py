@@ -56,14 +56,20 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
                                torch.tensor(train_losses(tmp_path / "one")), atol=1e-5, rtol=1e-5)
 
 
-def test_a_checkpoint_waits_for_every_rank_and_holds_each_ranks_state(tmp_path):
-    """Rank 1 writes its part of each checkpoint late: nothing is published without it."""
+def test_slow_ranks_are_waited_for_and_each_rank_draws_its_own_random_numbers(tmp_path):
+    """Rank 1 writes its part of each checkpoint late: nothing is published without it. Rank 0 takes
+    longer to prepare the data than the process group's timeout: the other rank waits on the cache's
+    lock, not in a collective. With dropout, the ranks draw different masks."""
     out = tmp_path / "slow"
     proc = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY), f"--train.out_dir={out}",
-                      *COMMON, "--train.checkpoint_interval=10", "--slow-save-rank", "1")
+                      *COMMON, "--train.checkpoint_interval=10", "--slow-save-rank", "1", "--model.dropout=0.1",
+                      "--slow-prepare-rank", "0", "--slow-prepare-s", "8", "--train.dist_timeout_s=5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    draws = [json.loads((out / f"rank{r}.draw.json").read_text()) for r in (0, 1)]
+    assert draws[0] != draws[1]  # nanoGPT's seed + rank: not the same dropout masks on every rank
+    assert_same(load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors")))
     checkpoints = out / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000010", "step-000020"]  # no temp left
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best", "latest", "step-000010", "step-000020"]  # no temp
     for step in ("step-000010", "step-000020"):
         meta = json.loads((checkpoints / step / "meta.json").read_text())
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(meta["files"]), step

@@ -199,7 +199,9 @@ def test_serve_cli_streams_text_and_reports_speed(export_dir):
     (["--prompt", "a", "--max-new-tokens", "-1"], "max_new_tokens=-1"),
     (["--prompt", "a", "--max-new-tokens", "10000000"], "max_new_tokens=10000000"),
     (["--prompt", "a", "--top-p", "0"], "top_p=0.0"),
-    (["--prompt", "a", "--device", "cuda"], "onnxruntime-gpu"),
+    pytest.param(["--prompt", "a", "--device", "cuda"], "onnxruntime-gpu", marks=pytest.mark.skipif(
+        "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+        reason="this onnxruntime has CUDA: asking for it is not an error")),
 ])
 def test_serve_cli_bad_input(export_dir, args, message):
     proc = _serve(export_dir, *args)
@@ -225,3 +227,31 @@ def test_help(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(export_dir, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries quietly runs on the CPU: the runtime must notice."""
+    import onnxruntime
+
+    import serve.runtime
+
+    class FallenBack(onnxruntime.InferenceSession):
+        def __init__(self, path, options=None, providers=None):
+            self.asked = providers
+            super().__init__(path, options, providers=["CPUExecutionProvider"])
+
+    fake = type("ort", (), {"get_available_providers": staticmethod(lambda: ["CUDAExecutionProvider",
+                                                                             "CPUExecutionProvider"]),
+                            "InferenceSession": FallenBack, "SessionOptions": onnxruntime.SessionOptions,
+                            "GraphOptimizationLevel": onnxruntime.GraphOptimizationLevel})
+    monkeypatch.setattr(serve.runtime, "_ort", lambda: fake)
+    with pytest.raises(ExportError, match="fell back to the CPU.*libcudnn"):
+        OnnxModel(export_dir, device="cuda")
+    OnnxModel(export_dir, device="cpu")  # the same session on the CPU is what was asked for
+
+
+def test_export_takes_the_best_or_the_latest_checkpoint(run_dir, tmp_path):
+    proc = _export(run_dir, tmp_path / "latest", "--checkpoint", "latest")
+    assert proc.returncode == 0, proc.stderr
+    source = read_manifest(tmp_path / "latest")["source"]
+    assert source["selected"] == "latest" and source["step"] == 40 and source["val_loss"] is not None

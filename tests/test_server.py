@@ -232,17 +232,37 @@ def test_api_key_from_the_environment_and_a_full_queue(export_dir):
         r = requests.post(f"{url}/v1/completions", json={"prompt": "a", "n": 3}, headers=auth)
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == "n" and "limit of 2" in error["message"]
-        # a queue that is full now is: 429
-        busy = requests.post(f"{url}/v1/completions", json={"prompt": "a", "n": 2, "max_tokens": 256, "stream": True},
-                             headers=auth, stream=True, timeout=60)
-        next(busy.iter_lines())
-        r = requests.post(f"{url}/v1/completions", json={"prompt": "a"}, headers=auth)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-        busy.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     assert "warning" not in proc.stdout.read()
+
+
+def test_a_queue_that_is_full_now_answers_429(export_dir):
+    from fastapi.testclient import TestClient
+
+    from serve.server import Limits, create_app
+
+    model = OnnxModel(export_dir, threads=1)
+    real_run = model.run
+
+    def slow_run(*args, **kwargs):  # a model slow enough that the first request is still running
+        time.sleep(0.05)
+        return real_run(*args, **kwargs)
+
+    model.run = slow_run
+    with TestClient(create_app(model, Limits(max_queue=2, max_batch=1), "tiny")) as client:
+        first = threading.Thread(target=client.post, args=("/v1/completions",),
+                                 kwargs={"json": {"prompt": "a", "n": 2, "max_tokens": 20}})
+        first.start()
+        deadline = time.time() + 10
+        while client.get("/health").json()["active"] < 2:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json={"prompt": "a"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        first.join(timeout=30)
+        assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_an_api_key_given_as_a_flag_is_accepted_with_a_warning(export_dir):

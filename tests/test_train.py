@@ -260,3 +260,79 @@ def test_non_finite_floats_and_out_of_range_seeds_fail_before_any_work(tmp_path,
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("*", r"\*")):
         setup(str(TINY), [f"--train.out_dir={tmp_path / 'never'}", override], resume=False)
     assert not (tmp_path / "never").exists()
+
+
+# --- ready for a GPU: what can be checked without one -----------------------------------------------
+
+@pytest.mark.slow
+def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp_path, fresh_accelerate,
+                                                                              monkeypatch):
+    """torch.compile + DDP (a one-process gloo group): checkpoints keep plain keys, so export and resume work."""
+    import torch.distributed as dist
+
+    port = socket_port()
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                           LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    try:
+        result = run(tmp_path, "--train.max_iters=20", "--train.compile=true", "--train.checkpoint_interval=10")
+        assert json.loads((tmp_path / "run.json").read_text())["distributed_type"] == "DistributedType.MULTI_CPU"
+        keys = set(load_file(str(tmp_path / "checkpoints" / "step-000020" / "model.safetensors")))
+        assert not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+        model, _, _ = load_checkpoint(tmp_path)  # a strict load
+        for (name, a), (_, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
+            assert torch.equal(a, b), name
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def socket_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mfu_peaks_match_whole_gpu_names_only():
+    from launch.train import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3", "bf16") == 989e12  # SXM
+    assert peak_flops_for("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert peak_flops_for("NVIDIA H100 NVL", "bf16") == 835e12
+    assert peak_flops_for("NVIDIA L4", "no") == 60e12
+    assert peak_flops_for("NVIDIA L40S", "bf16") == 362e12  # not L4's
+    assert peak_flops_for("NVIDIA RTX A1000", "bf16") is None  # not an A100
+    assert peak_flops_for("NVIDIA GeForce RTX 4090 D", "bf16") is None  # a different chip: no guess
+    assert peak_flops_for("Tesla T4", "fp16") is None
+
+
+def test_only_the_main_process_writes_the_grad_scaler():
+    from types import SimpleNamespace
+
+    from launch.train import one_scaler_writer
+
+    scaler = object()
+    for main_process, seen in ((True, scaler), (False, None)):
+        accelerator = SimpleNamespace(scaler=scaler, is_main_process=main_process)
+        with one_scaler_writer(accelerator):
+            assert accelerator.scaler is seen
+        assert accelerator.scaler is scaler
+
+
+def test_the_best_checkpoint_is_marked_kept_and_exported_by_default(tmp_path, fresh_accelerate, monkeypatch):
+    import launch.train as train
+
+    # validation losses that fall, then rise: the best is step 20, long after pruning would drop it
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    monkeypatch.setattr(train, "validate", lambda *a: {"train": 1.0, "val": next(losses)})
+    run(tmp_path, "--train.max_iters=60", "--train.eval_interval=10", "--train.checkpoint_interval=10",
+        "--train.keep_checkpoints=2")
+    assert (tmp_path / "checkpoints" / "best").read_text() == "step-000020"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000020", "step-000050", "step-000060"]
+    from gpt.checkpoint import resolve_checkpoint
+
+    assert resolve_checkpoint(tmp_path, "best").name == "step-000020"
+    assert resolve_checkpoint(tmp_path, "latest").name == "step-000060"
+    assert json.loads((tmp_path / "checkpoints" / "step-000020" / "meta.json").read_text())["val_loss"] == 2.0

@@ -1,0 +1,283 @@
+"""Every CUDA path: `python -m pytest -m gpu` on a machine with a GPU (skipped without one).
+
+PyTorch tests need CUDA; onnxruntime tests also need onnxruntime-gpu (`pip install -e ".[serve-gpu]"`
+in an environment without the CPU `onnxruntime`). Comparisons of fp32 results run with TF32 off,
+in PyTorch and in onnxruntime, and say their tolerance; each test stays under a minute on one GPU.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, subprocess_env
+from gpt.checkpoint import load_checkpoint
+from gpt.config import ModelConfig
+from gpt.generate import generate as torch_generate
+from gpt.generate import generate_uncached
+from gpt.model import GPT
+from gpt.sampling import SamplingParams
+
+CUDA = torch.cuda.is_available()
+
+
+def ort_cuda() -> bool:
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+needs_ort_cuda = pytest.mark.skipif(not ort_cuda(), reason="needs onnxruntime-gpu (pip install -e '.[serve-gpu]')")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32 here: TF32 matmuls differ from the CPU by ~1e-3."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def tiny_model(seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(block_size=32, embedding_dim=32, num_heads=4, num_layers=2, vocab_size=65)).eval()
+
+
+# --- the model on CUDA -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_forward_on_cuda_equals_cpu_full_chunked_padded_and_one_token():
+    cpu = tiny_model()
+    gpu = tiny_model().cuda()
+    x = torch.randint(0, 65, (3, 20))
+    ref = cpu(x).logits
+    torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), ref, atol=1e-4, rtol=1e-4)
+    a = gpu(x[:, :7].cuda(), use_cache=True)  # chunked prefill against a past
+    b = gpu(x[:, 7:].cuda(), past=a.present)
+    torch.testing.assert_close(torch.cat([a.logits, b.logits], 1).cpu(), ref, atol=1e-4, rtol=1e-4)
+    out, steps = gpu(x[:, :1].cuda(), use_cache=True), []  # one token at a time
+    steps.append(out.logits)
+    for t in range(1, 20):
+        out = gpu(x[:, t:t + 1].cuda(), past=out.present)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1).cpu(), ref, atol=1e-4, rtol=1e-4)
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), x[:1, :15]], 1)  # left padding
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 15, dtype=torch.long)], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = gpu(padded.cuda(), attention_mask=mask.cuda(), position_ids=positions.cuda()).logits[:, 5:]
+    torch.testing.assert_close(got.cpu(), cpu(x[:1, :15]).logits, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(gpu(x.cuda()).logits).all()
+
+
+def test_cached_generation_equals_uncached_on_cuda():
+    model = tiny_model().cuda()
+    prompt = [1, 2, 3, 4]
+    n = 2 * model.config.block_size + 5  # past the window, so the refill runs too
+    assert list(torch_generate(model, prompt, n, SamplingParams(greedy=True))) == \
+        list(generate_uncached(model, prompt, n, SamplingParams(greedy=True)))
+
+
+# --- training on CUDA ----------------------------------------------------------------------------------
+
+def train(out_dir, *overrides, config=TINY, resume=False):
+    from launch.train import main, setup
+
+    cfg, start = setup(str(config), [f"--train.out_dir={out_dir}", "--train.device=cuda", *overrides], resume)
+    return main(cfg, start)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_forty_steps_lower_the_loss_and_save_a_plain_fp32_checkpoint(tmp_path, fresh_accelerate, precision):
+    result = train(tmp_path, "--train.max_iters=40", f"--train.mixed_precision={precision}", "--train.eval_interval=40")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert json.loads((tmp_path / "run.json").read_text())["device"].startswith("cuda")
+    model, _, _ = load_checkpoint(tmp_path)  # strict load of plain keys, on the CPU
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for (name, a), (_, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_resume_on_cuda_stays_close_to_a_straight_run(tmp_path, fresh_accelerate):
+    """CUDA attention backward is not bit-deterministic: resume matches within 1e-3 of the weights' scale."""
+    import shutil
+
+    straight = train(tmp_path / "a", "--train.max_iters=40").model
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000020", tmp_path / "b" / "checkpoints" / "step-000020")
+    resumed = train(tmp_path / "b", "--train.max_iters=40", resume=True).model
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=1e-3 * float(a.abs().max()) + 1e-6, rtol=0, msg=name)
+
+
+def test_compile_on_one_gpu_saves_a_checkpoint_that_loads_and_exports(tmp_path, fresh_accelerate):
+    from export.exporter import export
+
+    train(tmp_path / "run", "--train.max_iters=20", "--train.compile=true", "--train.mixed_precision=bf16")
+    load_checkpoint(tmp_path / "run")
+    manifest = export(tmp_path / "run", tmp_path / "export", log=lambda s: None)
+    assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_torchrun_ddp_with_accumulation_saves_a_checkpoint_that_loads(tmp_path, compile):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         str(ROOT / "tests" / "ddp_probe.py"), str(TINY), f"--train.out_dir={out}", "--train.device=cuda",
+         "--train.max_iters=20", "--train.gradient_accumulation_steps=2", f"--train.compile={str(compile).lower()}"],
+        cwd=ROOT, env=subprocess_env(cuda=True), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "run.json").read_text())["distributed_type"] == "DistributedType.MULTI_GPU"
+    load_checkpoint(out)
+
+
+def test_the_seed_config_in_bf16_reports_speed_memory_and_mfu(tmp_path, fresh_accelerate):
+    torch.cuda.reset_peak_memory_stats()
+    result = train(tmp_path, "--train.max_iters=60", "--train.log_interval=20", "--train.eval_interval=60",
+                   "--train.eval_iters=5", "--train.checkpoint_interval=60", "--train.mixed_precision=bf16",
+                   config=ROOT / "configs" / "shakespeare_char.yaml")
+    m = result.metrics
+    memory = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\nseed config, bf16, {torch.cuda.get_device_name()}: {m['tokens_per_s']:,.0f} tokens/s, "
+          f"MFU {m['mfu'] if m['mfu'] is None else format(m['mfu'], '.1%')}, peak memory {memory:.2f} GiB, "
+          f"val loss {m['val_loss']:.3f} at step 60")
+    assert m["tokens_per_s"] > 0 and np.isfinite(m["val_loss"])
+    from launch.train import peak_flops
+
+    if peak_flops(torch.device("cuda"), "bf16") is not None:
+        assert 0 < m["mfu"] < 1
+
+
+# --- onnxruntime on CUDA ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_runtime(export_dir):
+    from serve.runtime import OnnxModel
+
+    return OnnxModel(export_dir, device="cuda")
+
+
+@needs_ort_cuda
+def test_the_cuda_provider_is_really_active_and_the_cache_lives_on_the_gpu(cuda_runtime):
+    assert cuda_runtime.session.get_providers()[0] == "CUDAExecutionProvider"
+    cache = cuda_runtime.empty_cache(2)
+    assert all(v.device_name().lower() == "cuda" for v in cache)
+    ids = np.array([[1, 2, 3], [4, 5, 6]], np.int64)
+    logits, present = cuda_runtime.run(ids, np.ones_like(ids), np.broadcast_to(np.arange(3), (2, 3)), cache)
+    assert logits.shape == (2, 3, cuda_runtime.vocab_size) and np.isfinite(logits).all()
+    assert all(v.device_name().lower() == "cuda" for v in present)
+
+
+@needs_ort_cuda
+def test_the_parity_grid_on_cuda_with_tf32_off(cuda_runtime, run_dir):
+    from export.exporter import FP32_TOLERANCE, parity_grid
+
+    model, _, _ = load_checkpoint(run_dir)
+    result = parity_grid(model, cuda_runtime)
+    assert result["cases"] == 36 and result["passed"], result["max_rel_logit_error"]
+    assert result["max_rel_logit_error"] <= FP32_TOLERANCE
+
+
+@needs_ort_cuda
+def test_cuda_generation_equals_cpu_batched_padded_and_joining_mid_decode(cuda_runtime, export_dir):
+    from serve.runtime import Batch, OnnxModel, Sequence, generate
+
+    cpu = OnnxModel(export_dir, threads=1)
+    prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
+    greedy = SamplingParams(greedy=True)
+
+    def tokens(model, prompt):
+        return list(generate(model, prompt, 80, greedy))[-1].sequence.generated
+
+    singles = [tokens(cpu, p) for p in prompts]
+    assert [tokens(cuda_runtime, p) for p in prompts] == singles
+    events = list(generate(cuda_runtime, prompts, 80, greedy))  # one left-padded batch
+    done = {e.sequence.tag: e.sequence.generated for e in events if e.finished}
+    assert [done[i] for i in range(3)] == singles
+    batch = Batch(cuda_runtime)  # sequences join while others decode, and leave when done
+    seqs = [Sequence(cuda_runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
+    batch.add(seqs[:1])
+    for step in range(200):
+        if step == 10:
+            batch.add(seqs[1:2])
+        if step == 25:
+            batch.add(seqs[2:])
+        if not len(batch) and step > 25:
+            break
+        batch.step()
+    assert [s.generated for s in seqs] == singles
+
+
+@needs_ort_cuda
+def test_fp16_and_int8_on_cuda_are_finite_and_keep_the_validation_loss(run_dir, tmp_path):
+    from export.exporter import export, validation_loss, validation_windows
+    from gpt.checkpoint import resolve_checkpoint
+    from serve.runtime import OnnxModel
+
+    export(run_dir, tmp_path / "q", int8=True, fp16=True, log=lambda s: None)
+    windows, why = validation_windows(resolve_checkpoint(run_dir), 32, 16)
+    assert windows is not None, why
+    base = validation_loss(OnnxModel(tmp_path / "q", device="cuda"), windows)
+    for variant in ("fp16", "int8"):
+        loss = validation_loss(OnnxModel(tmp_path / "q", device="cuda", variant=variant), windows)
+        print(f"\n{variant} on CUDA: validation loss {loss:.4f} vs fp32 {base:.4f} ({loss - base:+.4f} nats)")
+        assert np.isfinite(loss) and abs(loss - base) < 0.05
+
+
+@needs_ort_cuda
+def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir):
+    import socket
+
+    import requests
+
+    from serve.runtime import OnnxModel, generate
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
+                             "--device", "cuda"], cwd=ROOT, env=subprocess_env(cuda=True),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not become healthy in 60 s"
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        runtime = OnnxModel(export_dir, device="cuda")
+        results = {}
+
+        def client(i):
+            r = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 40, "seed": i,
+                                                             "stream": True}, stream=True, timeout=120)
+            lines = [line for line in r.iter_lines(decode_unicode=True) if line.startswith("data: {")]
+            results[i] = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for i in range(8):
+            assert results[i] == "".join(e.text for e in generate(runtime, "ROMEO:", 40, SamplingParams(), i)), i
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
