@@ -40,7 +40,7 @@ def run(argv: list[str] | None = None) -> int:
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files = ", ".join(manifest["files"].values())
+    files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
     print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
     return 0
 

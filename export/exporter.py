@@ -34,6 +34,7 @@ from gpt.files import publish_folder
 from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
+from gpt.tokenizer import tokenizer_sha256
 from serve.manifest import FORMAT, FORMAT_VERSION, VARIANTS, ExportError, input_names, output_names
 from serve.runtime import OnnxModel
 from serve.runtime import generate as ort_generate
@@ -196,7 +197,7 @@ def parity_grid(model: GPT, runtime: OnnxModel) -> dict:
 def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
     prompt = runtime.tokenizer.decode([i % runtime.vocab_size for i in range(1, 9)])
     ids = runtime.tokenizer.encode(prompt)
-    ref = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True)))
+    ref = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True), eot_id=runtime.tokenizer.eot_id))
     events = list(ort_generate(runtime, prompt, tokens, SamplingParams(greedy=True)))
     got = events[-1].sequence.generated
     first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
@@ -310,7 +311,8 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool) -> None:
         raise ExportError(f"{export_dir} is not an export folder (no gpt-onnx manifest.json), and --force replaces "
                           "only an earlier export: choose another EXPORT_DIR")
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    ours = {"manifest.json"} | {str(f) for f in files.values()} | {f"{f}.data" for f in files.values()}
+    ours = {"manifest.json", "tokenizer.json"} | {str(f) for f in files.values()}
+    ours |= {f"{f}.data" for f in files.values()}
     foreign = [name for name in entries if name not in ours]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -339,7 +341,9 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
 
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "model": asdict(model.config), "vocab": tokenizer.to_dict(),
+            "model": asdict(model.config),
+            "tokenizer": {"kind": tokenizer.kind, "file": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer),
+                          "eot_id": tokenizer.eot_id},
             "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
             "files": {"fp32": VARIANTS["fp32"]},
             "export_options": {"int8": int8, "fp16": fp16, "opset": opset, "exporter": exporter,
@@ -348,6 +352,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
                        "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
                        "model_sha256": sha256_file(checkpoint / "model.safetensors")},
         }
+        tokenizer.save(tmp / "tokenizer.json")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         runtime = OnnxModel(tmp, threads=0)
         parity = parity_grid(model, runtime)

@@ -3,7 +3,7 @@
     RUN_DIR/checkpoints/step-000250/
         model.safetensors   weights, plain keys (no DDP or torch.compile prefixes)
         config.json         the model config, vocab_size included
-        tokenizer.json      the vocabulary
+        tokenizer.json      the tokenizer: a char vocabulary, or Hugging Face tokenizers' format for bpe
         run_config.json     the resolved training config
         meta.json           format version, step, losses, the corpus and tokenizer sha256, and the
                             size of every other file in the folder (written last)
@@ -20,7 +20,6 @@ reads its own state files with torch.load(weights_only=True).)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig, model_config_from_dict
 from gpt.model import GPT
-from gpt.tokenizer import CharTokenizer
+from gpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_sha256
 
 FORMAT = "gpt-checkpoint"
 FORMAT_VERSION = 1
@@ -118,12 +117,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     return latest
 
 
-def tokenizer_sha256(tokenizer: CharTokenizer) -> str:
-    """A fingerprint of the vocabulary: which id means which text."""
-    return hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-def write_model_files(folder: Path, model: GPT, tokenizer: CharTokenizer, meta: dict, run_config: dict) -> None:
+def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict) -> None:
     """Write the self-describing part of a checkpoint, then meta.json listing every file in `folder`
     (the optimizer and RNG states included, so write those first) with its size."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -155,7 +149,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     model.load_state_dict(load_file(str(path), device=str(device)))
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest") -> tuple[GPT, CharTokenizer, dict]:
+def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest") -> tuple[GPT, Tokenizer, dict]:
     """(model in eval mode, tokenizer, meta) from a checkpoint folder or a run folder (see resolve_checkpoint)."""
     folder = resolve_checkpoint(path, which)
     meta = read_meta(folder)
@@ -163,7 +157,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest"
     if missing:
         raise CheckpointError(f"{folder} is incomplete ({', '.join(missing[:3])}): use an earlier checkpoint")
     config: ModelConfig = model_config_from_dict(json.loads((folder / "config.json").read_text()))
-    tokenizer = CharTokenizer.load(folder / "tokenizer.json")
+    try:
+        tokenizer = load_tokenizer(folder / "tokenizer.json")
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: {e}; use an earlier checkpoint") from None
     model = GPT(config).to(device)
     load_weights(model, folder)
     model.eval()

@@ -48,8 +48,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.vocab_size < 0 or self.vocab_size > 65536:
-            out.append(f"model.vocab_size={self.vocab_size} must be in [1, 65536]")
+        if self.vocab_size < 0 or self.vocab_size > 1 << 20:
+            out.append(f"model.vocab_size={self.vocab_size} must be in [1, 1048576]")
         return out
 
     @property
@@ -59,21 +59,37 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is split."""
+    """Where the text comes from, how it becomes tokens, and how it is split."""
 
-    dataset: str = "tinyshakespeare"  # a known corpus, downloaded and verified if missing
-    path: str | None = None  # or any UTF-8 text file; takes precedence over `dataset`
-    val_fraction: float = 0.1  # the last fraction of the corpus is held out for validation
+    dataset: str | None = "tinyshakespeare"  # a known corpus, downloaded and verified if missing; null: none
+    path: str | None = None  # or your own: a UTF-8 file, a folder (.txt, .md, .jsonl inside) or a glob
+    val_fraction: float = 0.1  # held out: whole documents chosen by a hash of their names (one text: its tail)
+    tokenizer: str = "char"  # char (one token per character, the tutorial's) | bpe (byte-level BPE)
+    vocab_size: int = 8192  # bpe: tokens to learn from the training split (256 bytes and <|endoftext|> included)
+    tokenizer_file: str | None = None  # bpe: use this tokenizer.json (e.g. GPT-2's) instead of learning one
+    tokenizer_sample_mb: int = 256  # bpe: learn from at most this much of the training split
+    skip_bad_files: bool = False  # leave out (and count) files that are not UTF-8 and bad .jsonl lines
 
     def problems(self) -> list[str]:
         out = []
-        if self.path is None and self.dataset not in KNOWN_DATASETS:
+        if self.path is None and self.dataset is None:
+            out.append("data.path is required (this config names no dataset): --data.path=FOLDER, a file or a glob")
+        elif self.path is None and self.dataset not in KNOWN_DATASETS:
             out.append(
                 f"data.dataset={self.dataset!r} is unknown: use one of {sorted(KNOWN_DATASETS)} "
-                "or set data.path to a UTF-8 text file"
+                "or set data.path to your own text"
             )
         if not 0.0 < self.val_fraction < 1.0:
             out.append(f"data.val_fraction={self.val_fraction} must be in (0, 1), e.g. 0.1")
+        if self.tokenizer not in ("char", "bpe"):
+            out.append(f"data.tokenizer={self.tokenizer!r} must be char or bpe")
+        if not 260 <= self.vocab_size <= 1 << 20:
+            out.append(f"data.vocab_size={self.vocab_size} must be in [260, 1048576] (256 bytes, <|endoftext|> "
+                       "and some merges), e.g. 8192")
+        if self.tokenizer_file is not None and self.tokenizer != "bpe":
+            out.append("data.tokenizer_file is for data.tokenizer=bpe: set that too, or drop the file")
+        if self.tokenizer_sample_mb < 1:
+            out.append(f"data.tokenizer_sample_mb={self.tokenizer_sample_mb} must be >= 1")
         return out
 
 

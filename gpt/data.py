@@ -13,25 +13,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gpt.config import DataConfig
-from gpt.files import fsync_path, waiting_lock
-from gpt.tokenizer import CharTokenizer
+from gpt.corpus import (
+    CorpusError,
+    ShardedTokens,
+    ShardWriter,
+    Skipped,
+    documents,
+    find_files,
+    in_val,
+    name_hash,
+    safe_pieces,
+)
+from gpt.files import fsync_path, publish_folder, waiting_lock
+from gpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TOKENS_FORMAT = 1
-_CHUNK_CHARS = 1 << 24  # read and tokenize 16M characters at a time
+TOKENS_FORMAT = 2
 
 
 class DataError(RuntimeError):
@@ -118,74 +132,288 @@ def resolve_corpus(config: DataConfig, url: str | None = None) -> Path:
 
 @dataclass
 class TokenizedCorpus:
-    """The corpus as one memory-mapped uint16 array, split into train and val views."""
+    """The corpus as memory-mapped token shards, split into train and val."""
 
-    tokenizer: CharTokenizer
-    train: np.ndarray  # (N_train,) uint16
-    val: np.ndarray  # (N_val,) uint16
-    sha256: str = ""  # of the text it was made from: a resumed run checks it has not changed
+    tokenizer: Tokenizer
+    train: np.ndarray | ShardedTokens  # (N_train,) uint16 or uint32
+    val: np.ndarray | ShardedTokens  # (N_val,)
+    sha256: str = ""  # of the text and the tokenizer settings: a resumed run checks it has not changed
+    stats: dict = field(default_factory=dict)  # per split: tokens, bytes, documents; what was skipped
 
-    def split(self, name: str) -> np.ndarray:
+    def split(self, name: str) -> np.ndarray | ShardedTokens:
         return self.train if name == "train" else self.val
 
-
-def _scan_vocabulary(path: Path) -> tuple[set[str], int]:
-    chars: set[str] = set()
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for chunk in iter(lambda: f.read(_CHUNK_CHARS), ""):
-            chars.update(chunk)
-            n += len(chunk)
-    return chars, n
+    def bytes_per_token(self, split: str = "val") -> float | None:
+        """UTF-8 bytes per token of a split: turns a loss in nats per token into bits per byte."""
+        s = self.stats.get("splits", {}).get(split, {})
+        return s["bytes"] / s["tokens"] if s.get("tokens") else None
 
 
-def prepare(config: DataConfig, url: str | None = None) -> TokenizedCorpus:
+def bits_per_byte(loss_nats: float, bytes_per_token: float | None) -> float | None:
+    """A loss that compares tokenizers: nats per token over ln 2, spread over the bytes a token covers."""
+    return None if not bytes_per_token else loss_nats / math.log(2) / bytes_per_token
+
+
+def corpus_files(config: DataConfig, url: str | None = None) -> tuple[list[Path], Path]:
+    """The files to read and the folder their names are relative to."""
+    if config.path is None:
+        path = resolve_corpus(config, url)
+        return [path], path.parent
+    try:
+        return find_files(config.path)
+    except CorpusError as e:
+        raise DataError(str(e)) from None
+
+
+def fingerprint(files: list[Path], root: Path, config: DataConfig) -> str:
+    """The cache key: every file's name and content, and every setting that changes the tokens."""
+    h = hashlib.sha256()
+    settings = {"format": TOKENS_FORMAT, "tokenizer": config.tokenizer, "val_fraction": config.val_fraction,
+                "skip_bad_files": config.skip_bad_files}
+    if config.tokenizer == "bpe":
+        if config.tokenizer_file:
+            settings["tokenizer_file"] = sha256_file(_tokenizer_file(config))
+        else:
+            settings |= {"vocab_size": config.vocab_size, "sample_mb": config.tokenizer_sample_mb}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for path in files:
+        h.update(str(path.relative_to(root) if path.is_relative_to(root) else path).encode() + b"\0")
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def _tokenizer_file(config: DataConfig) -> Path:
+    path = Path(config.tokenizer_file).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.tokenizer_file={config.tokenizer_file} does not exist: point it at a tokenizer.json "
+                        "(Hugging Face tokenizers format, e.g. GPT-2's)")
+    return path
+
+
+def prepare(config: DataConfig, url: str | None = None, progress: bool | None = None) -> TokenizedCorpus:
     """Tokenize the corpus into the cache (once) and map it back in.
 
-    The cache entry is keyed by the text's sha256, so editing the text makes a new entry. Files are
-    written under a temporary name, flushed to disk and renamed, so a killed run or a power cut never
-    leaves a half entry. Processes that call it together (the ranks of a run) take turns on a lock
-    in the cache: the first downloads and tokenizes, the others then find the entry ready.
+    The cache entry is keyed by the corpus' content and the tokenizer settings, so a changed file or
+    tokenizer prepares again. It is built in a temporary folder, flushed to disk and renamed, so a
+    killed run or a power cut never leaves a half entry. Processes that call it together (the ranks
+    of a run) take turns on a lock in the cache: the first prepares, the others then find the entry.
     """
     with waiting_lock(cache_dir() / "prepare.lock"):
-        return _prepare(config, url)
+        files, root = corpus_files(config, url)
+        key = fingerprint(files, root, config)
+        entry = cache_dir() / "tokens" / key[:24]
+        if not (entry / "index.json").is_file():
+            tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                _build(files, root, config, tmp, progress)
+                publish_folder(tmp, entry, replace=True)
+            except CorpusError as e:
+                raise DataError(str(e)) from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return _load(entry, key)
 
 
-def _prepare(config: DataConfig, url: str | None) -> TokenizedCorpus:
-    corpus = resolve_corpus(config, url)
-    digest = sha256_file(corpus)
-    entry = cache_dir() / "tokens" / digest[:24]
-    tokens_path, vocab_path = entry / "tokens.u16", entry / "tokenizer.json"
-    if not (tokens_path.is_file() and vocab_path.is_file()):
+def _load(entry: Path, key: str) -> TokenizedCorpus:
+    index = json.loads((entry / "index.json").read_text())
+    tokenizer = load_tokenizer(entry / "tokenizer.json")
+    dtype = np.dtype(index["dtype"])
+    splits = {}
+    for split in ("train", "val"):
+        arrays = [np.memmap(entry / name, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
+                  for name, n in index["splits"][split]["shards"]]
+        splits[split] = arrays[0] if len(arrays) == 1 else ShardedTokens(arrays) if arrays else np.zeros(0, dtype)
+    return TokenizedCorpus(tokenizer, splits["train"], splits["val"], key, index)
+
+
+def _scan(files: list[Path], root: Path, config: DataConfig) -> dict:
+    """The first pass: count documents and characters, collect the character set, plan the split."""
+    skipped = Skipped()
+    chars: set[str] = set()
+    n_docs = n_chars = n_val = 0
+    lowest = highest = None
+    for doc in documents(files, root, config.skip_bad_files, skipped):
+        n_docs += 1
+        for chunk in doc.text_chunks:
+            n_chars += len(chunk)
+            if config.tokenizer == "char":
+                chars.update(chunk)
+        n_val += in_val(doc.name, config.val_fraction)
+        h = name_hash(doc.name)
+        lowest = doc.name if lowest is None or h < name_hash(lowest) else lowest
+        highest = doc.name if highest is None or h > name_hash(highest) else highest
+    if n_docs == 0:
+        raise DataError(f"{root} has no text to train on: {len(files)} file(s), skipped {skipped.summary()}")
+    plan = {"documents": n_docs, "chars": n_chars, "chars_set": chars, "skipped": skipped,
+            "single": n_docs == 1, "force_val": None, "force_train": None}
+    if n_docs == 1:  # the tutorial's split: the tail of the one text
+        plan["split_at"] = n_chars - int(n_chars * config.val_fraction)
+    elif n_val == 0:  # every split needs a document
+        plan["force_val"] = lowest
+    elif n_val == n_docs:
+        plan["force_train"] = highest
+    return plan
+
+
+def _split_of(name: str, plan: dict, val_fraction: float) -> str:
+    if name == plan["force_val"]:
+        return "val"
+    if name == plan["force_train"]:
+        return "train"
+    return "val" if in_val(name, val_fraction) else "train"
+
+
+def _split_text(files, root, config, plan) -> Iterator[tuple[str, str | None]]:
+    """(split, text chunk) for every chunk of every document, then (split, None) at each document's end."""
+    for doc in documents(files, root, config.skip_bad_files):
+        if plan["single"]:
+            seen = 0
+            for chunk in doc.text_chunks:
+                cut = min(max(plan["split_at"] - seen, 0), len(chunk))
+                if cut:
+                    yield "train", chunk[:cut]
+                if cut < len(chunk):
+                    if seen + cut == plan["split_at"] and cut:
+                        yield "train", None  # the train part ends here: tokenize it on its own
+                    yield "val", chunk[cut:]
+                seen += len(chunk)
+            yield ("val" if plan["split_at"] < seen else "train"), None
+        else:
+            split = _split_of(doc.name, plan, config.val_fraction)
+            for chunk in doc.text_chunks:
+                yield split, chunk
+            yield split, None
+
+
+def _make_tokenizer(files, root, config, plan) -> Tokenizer:
+    if config.tokenizer == "char":
+        return CharTokenizer(plan["chars_set"])
+    if config.tokenizer_file:
         try:
-            chars, n = _scan_vocabulary(corpus)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{corpus} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
-        if n == 0:
-            raise DataError(f"{corpus} is empty: train on a text file with content")
-        if len(chars) > 65536:
-            raise DataError(f"{corpus} has {len(chars)} distinct characters; a uint16 token file holds at most 65536")
-        tokenizer = CharTokenizer(chars)
-        entry.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tokens-")
-        stoi = tokenizer.stoi
-        with os.fdopen(fd, "wb") as out, open(corpus, encoding="utf-8") as f:
-            for chunk in iter(lambda: f.read(_CHUNK_CHARS), ""):
-                np.fromiter((stoi[c] for c in chunk), dtype=np.uint16, count=len(chunk)).tofile(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, tokens_path)
-        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".tokenizer-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({**tokenizer.to_dict(), "tokens_format": TOKENS_FORMAT, "source": str(corpus)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, vocab_path)  # the tokenizer file last: its presence marks the entry complete
-        fsync_path(entry)
-    tokenizer = CharTokenizer.load(vocab_path)
-    data = np.memmap(tokens_path, dtype=np.uint16, mode="r")
-    n_val = int(len(data) * config.val_fraction)
-    return TokenizedCorpus(tokenizer, data[: len(data) - n_val], data[len(data) - n_val:], digest)
+            tokenizer = load_tokenizer(_tokenizer_file(config))
+        except ValueError as e:
+            raise DataError(f"data.tokenizer_file={config.tokenizer_file}: {e}") from None
+        if not isinstance(tokenizer, BPETokenizer):
+            raise DataError(f"data.tokenizer_file={config.tokenizer_file} is a char vocabulary: give a Hugging Face "
+                            "tokenizer.json, or use data.tokenizer=char")
+        return tokenizer
+    budget = config.tokenizer_sample_mb << 20
+
+    def train_text():  # the training split only, up to the sample budget
+        used = 0
+        for split, chunk in _split_text(files, root, config, plan):
+            if split == "train" and chunk:
+                yield chunk
+                used += len(chunk)
+                if used >= budget:
+                    return
+    return BPETokenizer.train(train_text(), config.vocab_size)
+
+
+def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, progress: bool | None) -> None:
+    """Scan, make the tokenizer, tokenize into shards, write index.json last."""
+    plan = _scan(files, root, config)
+    tokenizer = _make_tokenizer(files, root, config, plan)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    writers = {split: ShardWriter(folder, split, dtype) for split in ("train", "val")}
+    counts = {split: {"bytes": 0, "documents": 0} for split in ("train", "val")}
+    total = sum(p.stat().st_size for p in files)
+    with _Progress(total, progress) as bar:
+        if isinstance(tokenizer, CharTokenizer):
+            codepoints = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)  # sorted, as the ids
+            for split, chunk in _split_text(files, root, config, plan):
+                if chunk is None:
+                    counts[split]["documents"] += 1
+                    continue
+                data = chunk.encode("utf-8")
+                counts[split]["bytes"] += len(data)
+                points = np.frombuffer(chunk.encode("utf-32-le"), dtype=np.uint32)
+                writers[split].write(np.searchsorted(codepoints, points).astype(dtype))
+                bar.advance(len(data))
+        else:
+            _encode_bpe(tokenizer, _split_text(files, root, config, plan), writers, counts, bar)
+    for w in writers.values():
+        w.close()
+    skipped = plan["skipped"]
+    index = {"format": TOKENS_FORMAT, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+             "dtype": dtype.name, "files": len(files), "root": str(root),
+             "splits": {s: {"shards": writers[s].shards, "tokens": writers[s].tokens, **counts[s]} for s in writers},
+             "skipped": {k: len(v) for k, v in vars(skipped).items()},
+             "skipped_examples": {k: v[:5] for k, v in vars(skipped).items() if v}}
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "index.json").write_text(json.dumps(index, indent=2))  # written last: marks the entry complete
+
+
+def _encode_bpe(tokenizer: BPETokenizer, chunks, writers, counts, bar, batch_bytes: int = 4 << 20) -> None:
+    """Byte-level BPE on all cores: pieces cut where the pre-tokenizer cuts, encoded in large batches."""
+    pending: list[tuple[str, str | None]] = []  # (split, piece), or (split, None) for a document's end
+    size = 0
+    carry = {"train": "", "val": ""}
+
+    def flush():
+        texts = [t for _, t in pending if t is not None]
+        encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+        for split, piece in pending:
+            if piece is None:
+                if tokenizer.eot_id is not None:
+                    writers[split].write(np.array([tokenizer.eot_id]))
+            else:
+                writers[split].write(np.asarray(next(encoded), dtype=np.int64))
+        pending.clear()
+
+    for split, chunk in chunks:
+        if chunk is None:  # the document (or its train part) ends: encode what is carried, then EOT
+            if carry[split]:
+                pending.append((split, carry[split]))
+                carry[split] = ""
+            pending.append((split, None))
+            counts[split]["documents"] += 1
+        else:
+            n = len(chunk.encode("utf-8"))
+            counts[split]["bytes"] += n
+            bar.advance(n)
+            pieces, carry[split] = safe_pieces(chunk, carry[split])
+            pending.extend((split, p) for p in pieces)
+            size += n
+        if size >= batch_bytes:
+            flush()
+            size = 0
+    flush()
+
+
+class _Progress:
+    """A rich progress bar (MB, MB/s, ETA) on a terminal; nothing elsewhere."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        self.total, self.enabled = total, sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("tokenize", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -213,3 +441,41 @@ def get_batch(
     windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])
     xy = torch.from_numpy(windows)
     return xy[:, :-1], xy[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m gpt.data prepare CONFIG [--data.key=value ...]: prepare a run's corpus ahead of training."""
+    import argparse
+
+    from gpt.config import ConfigError, load_run_config
+
+    parser = argparse.ArgumentParser(prog="python -m gpt.data", description="Prepare a run config's corpus once: "
+                                     "find its files, train or load the tokenizer, tokenize on all cores into "
+                                     "memory-mapped shards in the cache. Training reuses the result.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="tokenize the corpus of a run config into the cache",
+                               epilog="Overrides: any --section.key=value, e.g. --data.path=corpus/ "
+                               "--data.tokenizer=bpe --data.vocab_size=16384")
+    prep.add_argument("config", help="YAML run config, e.g. configs/shakespeare_bpe_cpu.yaml")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_run_config(args.config, overrides)
+        started = time.perf_counter()
+        corpus = prepare(config.data)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    index = corpus.stats
+    print(f"{index['tokenizer']} tokenizer, vocabulary {index['vocab_size']:,}; {index['files']} file(s) under "
+          f"{index['root']} ({time.perf_counter() - started:.1f} s, cache entry {corpus.sha256[:24]})")
+    for split, s in index["splits"].items():
+        ratio = s["bytes"] / s["tokens"] if s["tokens"] else 0.0
+        print(f"  {split}: {s['documents']:,} documents, {s['bytes']:,} bytes, {s['tokens']:,} tokens "
+              f"({ratio:.2f} bytes per token) in {len(s['shards'])} shard(s)")
+    skipped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in index["skipped"].items() if n) or "nothing"
+    print(f"  skipped: {skipped}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

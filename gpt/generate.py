@@ -18,8 +18,11 @@ from gpt.sampling import SamplingParams, refill_context, sample
 @torch.inference_mode()
 def generate(
     model: GPT, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
+    eot_id: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` token ids continuing `prompt` (a non-empty list of ids)."""
+    """Yield up to `max_new_tokens` token ids continuing `prompt` (a non-empty list of ids), ending
+    early after `eot_id` (the tokenizer's end-of-document token), as serving does. Turn the ids into
+    text with `tokenizer.stream()`, which hands out only complete characters."""
     if not prompt:
         raise ValueError("prompt is empty: give at least one token")
     params = params or SamplingParams()
@@ -34,7 +37,7 @@ def generate(
         for i in range(max_new_tokens):
             token = sample(out.logits[0, -1].float().cpu().numpy(), params, rng)
             yield token
-            if i == max_new_tokens - 1:
+            if i == max_new_tokens - 1 or token == eot_id:
                 break
             context.append(token)
             if len(context) > block:  # the cache is full: keep the last half and prefill it again

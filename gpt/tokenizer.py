@@ -1,19 +1,35 @@
-"""Character-level tokenizer: one token per distinct character of the training text.
+"""Tokenizers: text to integer ids and back, behind one interface.
 
-Imports no torch, so serving can use it. Saved as JSON: {"type": "char", "version": 1, "chars": [...]}.
+    CharTokenizer   one token per distinct character of the training text (the tutorial's);
+                    saved as {"type": "char", "version": 1, "chars": [...]}
+    BPETokenizer    byte-level BPE from Hugging Face `tokenizers`, trained on the corpus or read
+                    from any tokenizer.json (GPT-2's, say); saved in that library's own format
+
+Both give `encode`, `decode`, `vocab_size`, `eot_id` (the end-of-document token, or None),
+`token_bytes` (the UTF-8 bytes each id stands for) and `stream()`, a decoder that turns ids into
+text one at a time and hands out only complete characters: a byte-level token can end in the
+middle of a UTF-8 character.
+
+Imports no torch, so serving can use it.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 FORMAT_VERSION = 1
+EOT = "<|endoftext|>"  # the end-of-document token, as GPT-2 names it
 
 
 class CharTokenizer:
     """Maps each character of a fixed vocabulary to an integer id, in sorted order."""
+
+    kind = "char"
+    eot_id = None
 
     def __init__(self, chars: Iterable[str]):
         self.chars: list[str] = sorted(set(chars))
@@ -54,8 +70,17 @@ class CharTokenizer:
             bad = [i for i in ids if not 0 <= i < self.vocab_size]
             raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self.vocab_size})") from None
 
+    def token_bytes(self) -> list[bytes]:
+        return [c.encode("utf-8") for c in self.chars]
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self.token_bytes())
+
     def to_dict(self) -> dict:
         return {"type": "char", "version": FORMAT_VERSION, "chars": self.chars}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> CharTokenizer:
@@ -67,7 +92,7 @@ class CharTokenizer:
         return cls(data["chars"])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
@@ -75,3 +100,137 @@ class CharTokenizer:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CharTokenizer) and self.chars == other.chars
+
+
+class BPETokenizer:
+    """Byte-level BPE (Hugging Face `tokenizers`): any UTF-8 text encodes, nothing is out of vocabulary."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):  # a tokenizers.Tokenizer
+        self.tokenizer = tokenizer
+        self.eot_id = tokenizer.token_to_id(EOT)
+        self._bytes: list[bytes] | None = None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn `vocab_size` tokens (256 bytes, EOT, merges) from an iterator of texts."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_str(text))
+        except Exception as e:  # the library raises its own exception types
+            raise ValueError(f"not a tokenizers tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, on all cores."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self.vocab_size})")
+        return b"".join(self.token_bytes()[i] for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id: byte-level BPE writes bytes as printable characters; map them back."""
+        if self._bytes is None:
+            to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+            out = []
+            for i in range(self.vocab_size):
+                piece = self.tokenizer.id_to_token(i) or ""
+                if i == self.eot_id or any(c not in to_byte for c in piece):  # a special token: its text
+                    out.append(b"" if i == self.eot_id else piece.encode("utf-8"))
+                else:
+                    out.append(bytes(to_byte[c] for c in piece))
+            self._bytes = out
+        return self._bytes
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self.token_bytes())
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and self.to_json() == other.to_json()
+
+
+Tokenizer = CharTokenizer | BPETokenizer
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """Either kind, from the text of its tokenizer.json."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"tokenizer.json is not valid JSON ({e})") from None
+    if isinstance(data, dict) and data.get("type") == "char":
+        return CharTokenizer.from_dict(data)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return BPETokenizer.from_json(text)
+    raise ValueError("tokenizer.json is neither a char vocabulary nor a Hugging Face tokenizers file")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return tokenizer_from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """A fingerprint of what each id means."""
+    return hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()
+
+
+class StreamDecoder:
+    """Ids in, text out, one token at a time; holds back the bytes of a character not yet complete."""
+
+    def __init__(self, token_bytes: list[bytes]):
+        self.token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._utf8.decode(self.token_bytes[token])
+
+    def flush(self) -> str:
+        """What is still held back, at the end (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
+
+    def decode_all(self, ids: Iterable[int]) -> Iterator[str]:
+        for i in ids:
+            yield self.feed(i)
+        yield self.flush()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table: each byte as a printable character, the alphabet byte-level BPE works in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

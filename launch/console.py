@@ -67,9 +67,10 @@ class TrainingConsole:
             print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu_text} "
                   f"elapsed {time.time() - self.started:.1f}s", flush=True)
 
-    def evaluation(self, step: int, train_loss: float, val_loss: float) -> None:
+    def evaluation(self, step: int, train_loss: float, val_loss: float, val_bpb: float | None = None) -> None:
         self.val_loss = val_loss
-        self.log(f"eval step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        bpb = "" if val_bpb is None else f" ({val_bpb:.4f} bits per byte)"
+        self.log(f"eval step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f} nats per token{bpb}")
 
     def close(self) -> None:
         if self.progress is not None:

@@ -39,13 +39,15 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(steps, train_eval, "o-", color="tab:blue", label="train loss (evaluation)")
         ax.plot(steps, val, "o-", color="tab:orange", label="validation loss")
         best = min(range(len(val)), key=val.__getitem__)
-        ax.annotate(f"val {val[best]:.3f} @ {steps[best]}", (steps[best], val[best]), textcoords="offset points",
-                    xytext=(-10, 12), ha="right", fontsize=9, color="tab:orange")
+        bpb = [r.get("val_bpb") for r in records if "val_loss" in r]
+        note = f" ({bpb[best]:.3f} bits/byte)" if bpb[best] is not None else ""
+        ax.annotate(f"val {val[best]:.3f}{note} @ {steps[best]}", (steps[best], val[best]),
+                    textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9, color="tab:orange")
     values = [v for _, v in train] + [v for e in evals for v in e[1:]]
     if max(values) / max(min(values), 1e-9) > 3:  # a wide range reads better on a log axis
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats per character)")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
     ax.set_title(f"{Path(run_dir).resolve().name}: loss against step")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

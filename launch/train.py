@@ -36,13 +36,13 @@ from gpt.checkpoint import (
     load_weights,
     missing_files,
     read_meta,
-    tokenizer_sha256,
     write_model_files,
 )
 from gpt.config import ConfigError, RunConfig, load_run_config
-from gpt.data import TokenizedCorpus, get_batch, prepare
+from gpt.data import TokenizedCorpus, bits_per_byte, get_batch, prepare
 from gpt.files import FolderInUse, FolderLock, publish_folder, write_atomic
 from gpt.model import GPT
+from gpt.tokenizer import tokenizer_sha256
 from launch.console import TrainingConsole
 
 
@@ -116,9 +116,10 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
         )
     if start_from is not None:
         saved = json.loads((start_from / "run_config.json").read_text())
-        current = config.to_dict()
-        diffs = [f"{section}.{k}: checkpoint {saved[section].get(k)!r}, config {v!r}"
-                 for section in ("model", "data") for k, v in current[section].items() if saved[section].get(k) != v]
+        current, defaults = config.to_dict(), RunConfig().to_dict()  # a key a run did not have had its default
+        diffs = [f"{section}.{k}: checkpoint {saved[section].get(k, defaults[section][k])!r}, config {v!r}"
+                 for section in ("model", "data") for k, v in current[section].items()
+                 if saved[section].get(k, defaults[section][k]) != v]
         if diffs:
             raise ConfigError(
                 f"cannot resume {start_from}: the config differs from the run's ({'; '.join(diffs)}); "
@@ -160,10 +161,10 @@ def check_same_data(checkpoint: Path, corpus: TokenizedCorpus) -> None:
     if saved_corpus and corpus.sha256 and saved_corpus != corpus.sha256:
         problems.append(f"the corpus has sha256 {corpus.sha256[:12]}…, the run trained on {saved_corpus[:12]}…")
     saved_tokenizer = meta.get("tokenizer_sha256")
-    if saved_tokenizer is None:  # an older checkpoint: compare the vocabulary itself
-        from gpt.tokenizer import CharTokenizer
+    if saved_tokenizer is None:  # an older checkpoint: compare the tokenizer itself
+        from gpt.tokenizer import load_tokenizer
 
-        same = CharTokenizer.load(checkpoint / "tokenizer.json") == corpus.tokenizer
+        same = load_tokenizer(checkpoint / "tokenizer.json") == corpus.tokenizer
     else:
         same = saved_tokenizer == tokenizer_sha256(corpus.tokenizer)
     if not same:
@@ -464,12 +465,14 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
 
         if evaluated:
             losses = validate(model, corpus, config, accelerator)
-            console.evaluation(done, losses["train"], losses["val"])
+            bpb = bits_per_byte(losses["val"], corpus.bytes_per_token("val"))  # compares tokenizers
+            console.evaluation(done, losses["train"], losses["val"], bpb)
             if accelerator.is_main_process:
                 append_metrics(metrics_path, {"step": done, "eval_train_loss": losses["train"],
-                                              "val_loss": losses["val"], "time": time.time()})
-            accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"]}, step=done)
-            last.update(eval_train_loss=losses["train"], val_loss=losses["val"], evaluated_at=done)
+                                              "val_loss": losses["val"], "val_bpb": bpb, "time": time.time()})
+            accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"],
+                             **({"eval/val_bpb": bpb} if bpb is not None else {})}, step=done)
+            last.update(eval_train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb, evaluated_at=done)
             if not math.isfinite(losses["val"]):
                 raise TrainingError(f"validation loss is {losses['val']} at step {done}: training diverged; "
                                     f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}")

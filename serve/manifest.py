@@ -4,7 +4,8 @@
         model.onnx           fp32 graph, weights inside
         model.int8.onnx      (--int8) dynamic int8 quantization
         model.fp16.onnx      (--fp16) fp16 weights and compute, fp32 inputs and outputs
-        manifest.json        format and version, model config, vocabulary, input/output names and
+        tokenizer.json       the tokenizer (a char vocabulary, or Hugging Face tokenizers' format for bpe)
+        manifest.json        format and version, model config, the tokenizer's kind and sha256, input/output names and
                              shapes, opset, export options, source checkpoint sha256, parity results
 
 Imports no torch: serving reads it.
@@ -16,7 +17,8 @@ import json
 from pathlib import Path
 
 FORMAT = "gpt-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tokenizer in tokenizer.json (1 carried a char vocabulary inline, and is still read)
+READABLE_VERSIONS = (1, 2)
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
@@ -59,11 +61,11 @@ def read_manifest(export_dir: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise ExportError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: export again")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION
         fix = "upgrade gpt to read it" if newer else "re-export it with this version: python -m export RUN_DIR DIR"
         raise ExportError(f"{path} is format version {version}; this build reads version {FORMAT_VERSION}: {fix}")
-    for key in ("model", "vocab", "inputs", "outputs", "files"):
+    for key in ("model", "vocab" if version == 1 else "tokenizer", "inputs", "outputs", "files"):
         if key not in manifest:
             raise ExportError(f"{path} lacks {key!r}: the export is incomplete; export again")
     _check_contents(path, manifest)
@@ -73,7 +75,6 @@ def read_manifest(export_dir: str | Path) -> dict:
 def _check_contents(path: Path, manifest: dict) -> None:
     """A manifest is data from disk: check what the runtime will act on before it acts on it."""
     from gpt.config import ConfigError, model_config_from_dict
-    from gpt.tokenizer import CharTokenizer
 
     bad = f"{path} is damaged or was edited"
     files = manifest["files"]
@@ -86,7 +87,7 @@ def _check_contents(path: Path, manifest: dict) -> None:
                               "export folder; export again")
     try:
         config = model_config_from_dict(manifest["model"] if isinstance(manifest["model"], dict) else {})
-        tokenizer = CharTokenizer.from_dict(manifest["vocab"] if isinstance(manifest["vocab"], dict) else {})
+        tokenizer = manifest_tokenizer(path.parent, manifest)
     except (ConfigError, ValueError, TypeError, KeyError) as e:
         raise ExportError(f"{bad}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; export again") from None
     if tokenizer.vocab_size != config.vocab_size:
@@ -96,6 +97,27 @@ def _check_contents(path: Path, manifest: dict) -> None:
     if [i.get("name") for i in manifest["inputs"] if isinstance(i, dict)] != input_names(layers) or \
             [o.get("name") for o in manifest["outputs"] if isinstance(o, dict)] != output_names(layers):
         raise ExportError(f"{bad}: its inputs and outputs are not those of a {layers}-layer model; export again")
+
+
+def manifest_tokenizer(export_dir: str | Path, manifest: dict):
+    """The export's tokenizer: tokenizer.json, checked against the sha256 the manifest recorded."""
+    import hashlib
+
+    from gpt.tokenizer import CharTokenizer, tokenizer_from_json
+
+    if manifest.get("format_version") == 1:
+        return CharTokenizer.from_dict(manifest["vocab"] if isinstance(manifest["vocab"], dict) else {})
+    entry = manifest["tokenizer"]
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or name != Path(name).name or name in ("", ".", "..") or name.startswith("."):
+        raise ValueError(f"the tokenizer file {name!r} is not a plain file name inside the export folder")
+    path = Path(export_dir) / name
+    if not path.is_file() or path.resolve().parent != Path(export_dir).resolve():
+        raise ValueError(f"{path} is missing or points outside the export folder")
+    text = path.read_text(encoding="utf-8")
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != entry.get("sha256"):
+        raise ValueError(f"{path} does not match the sha256 the manifest recorded")
+    return tokenizer_from_json(text)
 
 
 def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") -> Path:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpt.sampling import SamplingParams, refill_context, sample
-from gpt.tokenizer import CharTokenizer
-from serve.manifest import ExportError, model_path, read_manifest
+from gpt.tokenizer import StreamDecoder, Tokenizer
+from serve.manifest import ExportError, manifest_tokenizer, model_path, read_manifest
 
 
 def _ort():
@@ -41,7 +41,7 @@ class OnnxModel:
         ort = _ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(export_dir)
-        self.tokenizer = CharTokenizer.from_dict(self.manifest["vocab"])
+        self.tokenizer = manifest_tokenizer(export_dir, self.manifest)
         config = self.manifest["model"]
         self.num_layers, self.num_heads = config["num_layers"], config["num_heads"]
         self.head_dim = config["embedding_dim"] // config["num_heads"]
@@ -129,13 +129,18 @@ class OnnxModel:
         return outputs[0].numpy(), list(outputs[1:])
 
 
-def validate_request(tokenizer: CharTokenizer, prompt: str, max_new_tokens: int, limit: int) -> list[int]:
-    """Token ids of a prompt, or a one-line ValueError naming what is wrong."""
+def validate_request(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, limit: int,
+                     max_prompt_tokens: int = 1 << 16) -> list[int]:
+    """Token ids of a prompt, or a one-line ValueError naming what is wrong. Limits count tokens."""
     if not isinstance(prompt, str) or prompt == "":
         raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= limit:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from 1 to {limit}")
-    return tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt)
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(f"prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}: send a shorter one "
+                         "(the model sees at most its block_size of them anyway)")
+    return ids
 
 
 @dataclass
@@ -153,6 +158,7 @@ class Sequence:
     emitted: int = 0  # characters of `text` already handed out
     finish_reason: str | None = None  # "stop" or "length" once finished
     context: list[int] = field(default_factory=list)  # tokens the cache covers, plus the one to feed next
+    decoder: StreamDecoder | None = None  # ids to complete characters (a token may end mid-character)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -281,9 +287,18 @@ class Batch:
     def emit(self) -> list[Event]:
         """Sample one token for every sequence and retire the finished ones."""
         events, finished = [], []
+        tokenizer = self.model.tokenizer
         for i, s in enumerate(self.sequences):
             token = sample(self.logits[i], s.params, s.rng)
-            s.accept(token, self.model.tokenizer.chars[token])
+            if s.decoder is None:
+                s.decoder = tokenizer.stream()
+            if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
+                s.generated.append(token)
+                s.finish_reason = "stop"
+            else:
+                s.accept(token, s.decoder.feed(token))
+            if s.finish_reason == "length":
+                s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
             events.append(Event(s, s.take_text(), s.finish_reason is not None))
             if s.finish_reason:
                 finished.append(s)

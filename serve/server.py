@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.sampling import SamplingParams
 from serve.guard import ConnectionGuard, RequestGuard, error_body
-from serve.runtime import Batch, Event, OnnxModel, Sequence
+from serve.runtime import Batch, Event, OnnxModel, Sequence, validate_request
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Limits:
     max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
     max_n: int = 8  # completions per prompt
     max_prompts: int = 16  # prompts per request
+    max_prompt_tokens: int = 8192  # tokens per prompt (the model reads at most block_size of them)
     max_body_bytes: int = 1 << 20  # counted as received, chunked or not
     max_request_seconds: float = 300.0  # a request still running then ends with what it has
     read_timeout: float = 15.0  # seconds a client has to send its request's headers, and then its body
@@ -249,11 +250,8 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         try:
             params = SamplingParams(temperature=body.temperature, top_k=body.top_k,
                                     top_p=None if body.top_p == 1.0 else body.top_p)
-            ids = []
-            for p in prompts:
-                if p == "":
-                    raise ValueError("prompt is empty: give at least one character")
-                ids.append(model.tokenizer.encode(p))
+            ids = [validate_request(model.tokenizer, p, body.max_tokens, limits.max_new_tokens,
+                                    limits.max_prompt_tokens) for p in prompts]
         except ValueError as e:
             return fail(400, str(e), "prompt" if "prompt" in str(e) or "vocabulary" in str(e) else None)
         if len(ids) * body.n > limits.max_queue:  # would never fit, however long the client waited
@@ -359,6 +357,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="sequences waiting or running before 429")
     parser.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens allowed")
+    parser.add_argument("--max-prompt-tokens", type=int, default=8192, help="the longest prompt, in tokens")
     parser.add_argument("--max-request-seconds", type=float, default=300.0)
     parser.add_argument("--read-timeout", type=float, default=15.0,
                         help="seconds a client has to send a request's headers, and then its body (default 15)")
@@ -372,7 +371,7 @@ def run(argv: list[str] | None = None) -> int:
 
     from serve.manifest import ExportError
 
-    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "max_connections"):
+    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "max_prompt_tokens", "max_connections"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -397,7 +396,8 @@ def run(argv: list[str] | None = None) -> int:
     import uvicorn
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens_limit,
-                    max_request_seconds=args.max_request_seconds, read_timeout=args.read_timeout,
+                    max_prompt_tokens=args.max_prompt_tokens, max_request_seconds=args.max_request_seconds,
+                    read_timeout=args.read_timeout,
                     max_connections=args.max_connections)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
     app = create_app(model, limits, model_id, api_key)

@@ -83,3 +83,26 @@ def export_dir(run_dir, tmp_path_factory):
                           env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
+
+
+BPE = ["--data.tokenizer=bpe", "--data.vocab_size=512"]  # the tiny config with a byte-level BPE tokenizer
+
+
+@pytest.fixture(scope="session")
+def bpe_run_dir(tmp_path_factory):
+    """A tiny byte-level BPE model trained for 40 steps by the real command line."""
+    out = tmp_path_factory.mktemp("bpe-run")
+    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}",
+                           "--train.max_iters=40", *BPE], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def bpe_export_dir(bpe_run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe-exports") / "tiny-bpe"
+    proc = subprocess.run([sys.executable, "-m", "export", str(bpe_run_dir), str(out), "--int8"], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out

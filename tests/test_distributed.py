@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import BPE, ROOT, TINY, subprocess_env
 
 pytestmark = pytest.mark.slow
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
@@ -37,9 +37,10 @@ def assert_same(a, b, exact=True):
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("tokenizer", [[], BPE], ids=["char", "bpe"])
+def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_global_batch(tmp_path, tokenizer):
     ddp = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY),
-                     f"--train.out_dir={tmp_path / 'ddp'}", *COMMON)
+                     f"--train.out_dir={tmp_path / 'ddp'}", *COMMON, *tokenizer)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["world_size"] == 2
@@ -48,7 +49,7 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
 
     # one process accumulating 2 micro-batches sees the same global batch as 2 ranks of 1
     single = subprocess.run([sys.executable, PROBE, str(TINY), f"--train.out_dir={tmp_path / 'one'}", *COMMON,
-                             "--train.gradient_accumulation_steps=2"], cwd=ROOT, env=subprocess_env(),
+                             *tokenizer, "--train.gradient_accumulation_steps=2"], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stdout + single.stderr
     assert_same(rank0, load_file(str(tmp_path / "one" / "rank0.safetensors")), exact=False)

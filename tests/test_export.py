@@ -1,5 +1,6 @@
 """Export a tiny trained checkpoint, and hold the onnxruntime path to the PyTorch reference."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -24,13 +25,15 @@ def models(run_dir, export_dir):
 
 def test_export_folder_and_manifest(export_dir, run_dir):
     manifest = read_manifest(export_dir)
-    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx"]
+    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx",
+                                                            "tokenizer.json"]
     assert [i["name"] for i in manifest["inputs"]] == input_names(2)
     assert [o["name"] for o in manifest["outputs"]] == output_names(2)
     assert manifest["inputs"][0]["shape"] == ["batch", "sequence"]
     assert manifest["inputs"][3]["shape"] == ["batch", 4, "past_sequence", 8]
     assert manifest["outputs"][1]["shape"] == ["batch", 4, "past_sequence + sequence", 8]
-    assert manifest["model"]["vocab_size"] == 65 and len(manifest["vocab"]["chars"]) == 65
+    assert manifest["model"]["vocab_size"] == 65 and manifest["tokenizer"]["kind"] == "char"
+    assert len(json.loads((export_dir / "tokenizer.json").read_text())["chars"]) == 65
     assert manifest["source"]["step"] == 40 and len(manifest["source"]["model_sha256"]) == 64
     parity = manifest["parity"]
     assert parity["fp32"]["passed"] and parity["fp32"]["cases"] == 36
@@ -88,12 +91,25 @@ def test_int8_model_loads_and_generates(export_dir):
     assert len(text) == 50 and set(text) <= set(runtime.tokenizer.chars)
 
 
+def test_a_version_1_export_with_its_vocabulary_inline_still_serves(export_dir, tmp_path):
+    old = tmp_path / "v1"
+    shutil.copytree(export_dir, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["vocab"] = json.loads((old / "tokenizer.json").read_text())
+    del manifest["tokenizer"]
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    (old / "tokenizer.json").unlink()
+    greedy = SamplingParams(greedy=True)
+    assert list(generate(OnnxModel(old), "ROMEO:", 20, greedy))[-1].sequence.generated == \
+        list(generate(OnnxModel(export_dir), "ROMEO:", 20, greedy))[-1].sequence.generated
+
+
 def test_manifest_problems_say_what_to_do(export_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(export_dir, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(ExportError, match="version 99; this build reads version 1: upgrade gpt"):
+    with pytest.raises(ExportError, match="version 99; this build reads version 2: upgrade gpt"):
         OnnxModel(broken)
     (broken / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
     with pytest.raises(ExportError, match="re-export it"):
@@ -151,7 +167,7 @@ def test_force_replaces_an_earlier_export(export_dir, run_dir, tmp_path):
     shutil.copytree(export_dir, dest)
     proc = _export(run_dir, dest, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "model.onnx"]  # the new export, no int8
+    assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]  # no int8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp or aside folder left
 
 
@@ -167,11 +183,29 @@ def test_a_manifest_may_not_point_outside_its_folder_or_disagree_with_its_graph(
     for name in ("../model.onnx", str(export_dir / "model.onnx"), "/etc/passwd", "..", ".hidden.onnx"):
         with pytest.raises(ExportError, match="not a plain file name"):
             OnnxModel(edited(lambda m: m["files"].update(fp32=name)))
-    shrink = edited(lambda m: (m["vocab"]["chars"].pop(), m["model"].update(vocab_size=64)))
+    def smaller_vocabulary(m, folder):
+        data = json.loads((folder / "tokenizer.json").read_text())
+        data["chars"].pop()
+        text = json.dumps(data)
+        (folder / "tokenizer.json").write_text(text)
+        m["tokenizer"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+
+    def edited_with_tokenizer(change):
+        dest = edited(lambda m: None)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        change(manifest, dest)
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+        return dest
+
+    shrink = edited_with_tokenizer(lambda m, d: (smaller_vocabulary(m, d), m["model"].update(vocab_size=64)))
     with pytest.raises(ExportError, match="gives 65 logits per token but the vocabulary has 64"):
         OnnxModel(shrink)
     with pytest.raises(ExportError, match="vocabulary has 64 tokens but the model has 65"):
-        OnnxModel(edited(lambda m: m["vocab"]["chars"].pop()))
+        OnnxModel(edited_with_tokenizer(smaller_vocabulary))
+    with pytest.raises(ExportError, match="does not match the sha256"):
+        OnnxModel(edited_with_tokenizer(lambda m, d: (d / "tokenizer.json").write_text('{"type": "char"}')))
+    with pytest.raises(ExportError, match="not a plain file name"):
+        OnnxModel(edited(lambda m: m["tokenizer"].update(file="../tokenizer.json")))
     with pytest.raises(ExportError, match="num_heads"):
         OnnxModel(edited(lambda m: m["model"].update(num_heads=0)))
     link = edited(lambda m: None)
@@ -255,3 +289,32 @@ def test_export_takes_the_best_or_the_latest_checkpoint(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     source = read_manifest(tmp_path / "latest")["source"]
     assert source["selected"] == "latest" and source["step"] == 40 and source["val_loss"] is not None
+
+
+# --- a byte-level BPE model: the same checks, and text that is always whole characters ---------------
+
+def test_a_bpe_export_passes_the_same_gates_and_carries_its_tokenizer(bpe_export_dir, bpe_run_dir):
+    manifest = read_manifest(bpe_export_dir)
+    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["tokenizer"]["eot_id"] == 0
+    assert manifest["model"]["vocab_size"] == 512
+    assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
+    assert abs(manifest["quality"]["int8"]["val_loss_change"]) < 0.05
+    model, tokenizer, _ = load_checkpoint(bpe_run_dir)
+    runtime = OnnxModel(bpe_export_dir, threads=1)
+    assert runtime.tokenizer == tokenizer
+    prompt = "ROMEO: naïve café — 日本"  # characters the training text never had
+    for params in (SamplingParams(greedy=True), SamplingParams(temperature=1.2, top_k=100)):
+        n = 2 * model.config.block_size + 3
+        ref = list(torch_generate(model, tokenizer.encode(prompt), n, params, seed=5, eot_id=tokenizer.eot_id))
+        events = list(generate(runtime, prompt, n, params, seed=5))
+        assert events[-1].sequence.generated == ref
+        assert "".join(e.text for e in events) == events[-1].sequence.text
+        whole = "".join(tokenizer.stream().decode_all(t for t in ref if t != tokenizer.eot_id))
+        assert events[-1].sequence.text == whole
+
+
+def test_serve_cli_takes_any_utf8_prompt_with_a_bpe_model(bpe_export_dir):
+    proc = _serve(bpe_export_dir, "--prompt", "Ça va? 日本 ROMEO:", "--max-new-tokens", "30", "--seed", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Ça va? 日本 ROMEO:") and "\ufffd" not in proc.stdout[:20]
+    assert "tokens/s" in proc.stderr

@@ -281,3 +281,36 @@ def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- your own corpus on a GPU ------------------------------------------------------------------------------
+
+def test_the_bpe_cpu_config_trains_in_bf16_on_cuda(tmp_path, fresh_accelerate):
+    result = train(tmp_path, "--train.max_iters=100", "--train.eval_interval=100", "--train.log_interval=50",
+                   "--train.mixed_precision=bf16", config=ROOT / "configs" / "shakespeare_bpe_cpu.yaml")
+    m = result.metrics
+    print(f"\nshakespeare_bpe_cpu, bf16, 100 steps: {m['tokens_per_s']:,.0f} tokens/s, val {m['val_loss']:.3f} "
+          f"nats/token, {m['val_bpb']:.3f} bits/byte")
+    assert np.isfinite(m["val_loss"]) and 0 < m["val_bpb"] < 8
+
+
+def test_gpt2_small_for_a_few_hundred_steps_reports_speed_and_mfu(tmp_path, fresh_accelerate):
+    """GPT-2 small's shape on local text (TinyShakespeare with a learned 8,192-token BPE), 200 steps."""
+    torch.cuda.reset_peak_memory_stats()
+    corpus = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    if not corpus.is_file():
+        from gpt.config import DataConfig
+        from gpt.data import resolve_corpus
+
+        corpus = resolve_corpus(DataConfig())
+    started = time.perf_counter()
+    result = train(tmp_path, f"--data.path={corpus}", "--data.vocab_size=8192", "--train.max_iters=200",
+                   "--train.gradient_accumulation_steps=1", "--train.batch_size=16", "--train.warmup_iters=20",
+                   "--train.eval_interval=200", "--train.eval_iters=5", "--train.checkpoint_interval=200",
+                   "--train.log_interval=50", "--train.compile=false", config=ROOT / "configs" / "gpt2_small.yaml")
+    m = result.metrics
+    print(f"\ngpt2_small shape, bf16, {torch.cuda.get_device_name()}: {m['tokens_per_s']:,.0f} tokens/s, MFU "
+          f"{m['mfu'] if m['mfu'] is None else format(m['mfu'], '.1%')}, peak memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, val {m['val_bpb']:.3f} bits/byte after 200 steps, "
+          f"{time.perf_counter() - started:.0f} s")
+    assert m["tokens_per_s"] > 0 and np.isfinite(m["val_loss"])

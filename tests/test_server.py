@@ -455,3 +455,24 @@ def test_a_request_arriving_as_the_loop_dies_is_never_left_waiting(export_dir):
             t.join(timeout=30)
         assert not any(t.is_alive() for t in threads)
     assert len(statuses) == 16 and set(statuses) <= {200, 500}
+
+
+def test_a_bpe_model_streams_whole_characters_equal_to_the_full_text(bpe_export_dir):
+    proc, url = start_server(bpe_export_dir, "--max-new-tokens-limit", "64")
+    try:
+        prompt = "Ça va? naïve 日本 — ROMEO:"
+        body = {"prompt": prompt, "max_tokens": 60, "seed": 9, "temperature": 1.3}
+        whole = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        r = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=60)
+        pieces = [json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines(decode_unicode=True)
+                  if line.startswith("data: {")]
+        assert "".join(pieces) == whole["choices"][0]["text"]
+        assert whole["usage"]["prompt_tokens"] == len(OnnxModel(bpe_export_dir).tokenizer.encode(prompt))
+        model = OnnxModel(bpe_export_dir, threads=1)
+        expected = "".join(e.text for e in generate(model, prompt, 60, SamplingParams(temperature=1.3), 9))
+        assert whole["choices"][0]["text"] == expected
+        long = requests.post(f"{url}/v1/completions", json={"prompt": "ab " * 9000}, timeout=60)
+        assert long.status_code == 400 and "over the limit of 8192" in long.json()["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -8,11 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import BPE, ROOT, TINY, subprocess_env
 from gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt.config import ConfigError
 from launch.train import TrainingError, check_world_size, get_lr, main, setup
@@ -103,16 +104,17 @@ def _launch(out_dir, *extra):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("tokenizer", [[], BPE], ids=["char", "bpe"])
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, tokenizer):
     """Kill -9 at random moments (mid-step, mid-save), resume each time: bit-identical weights."""
-    reference = _launch(tmp_path / "ref")
+    reference = _launch(tmp_path / "ref", *tokenizer)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
     rng = random.Random(os.environ.get("PYTEST_SEED", "kill"))
     out = tmp_path / "killed"
     kills, resume = 0, []
     for _ in range(20):
         before = latest_checkpoint(out)
-        proc = _launch(out, *resume)
+        proc = _launch(out, *tokenizer, *resume)
         # wait until this attempt has saved a checkpoint of its own, then kill at a random moment
         deadline = time.time() + 120
         while latest_checkpoint(out) == before and proc.poll() is None and time.time() < deadline:
@@ -239,6 +241,20 @@ def test_resume_refuses_a_changed_corpus_or_vocabulary(tmp_path, fresh_accelerat
     with pytest.raises(TrainingError, match="tokenizer differs"):
         main(config, start)
     assert latest_checkpoint(out).name == "step-000020"
+
+
+def test_a_bpe_run_reports_bits_per_byte_and_checkpoints_its_tokenizer(tmp_path, fresh_accelerate):
+    run(tmp_path, "--train.max_iters=20", "--train.eval_interval=20", *BPE)
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    from gpt.config import DataConfig
+    from gpt.data import prepare
+
+    per_token = prepare(DataConfig(tokenizer="bpe", vocab_size=512)).bytes_per_token("val")
+    assert 1.5 < per_token < 3  # bytes per token of the held-out text
+    assert record["val_bpb"] == pytest.approx(record["val_loss"] / np.log(2) / per_token)
+    model, tokenizer, meta = load_checkpoint(tmp_path)
+    assert tokenizer.kind == "bpe" and tokenizer.vocab_size == model.config.vocab_size == 512
+    assert tokenizer.decode(tokenizer.encode("naïve — ROMEO")) == "naïve — ROMEO"
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, fresh_accelerate):
