@@ -23,11 +23,14 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
+    parser.add_argument("--format", choices=["onnx", "hf"], default="onnx",
+                        help="onnx (default): the verified ONNX folder; hf: a transformers GPT2LMHeadModel folder "
+                        "(bpe models) that from_pretrained loads")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     import torch
 
-    from export.exporter import export
+    from export.exporter import export, export_hf
     from gpt.checkpoint import CheckpointError
     from gpt.config import ConfigError
     from serve.manifest import ExportError
@@ -35,6 +38,13 @@ def run(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.format == "hf":
+            if args.int8 or args.fp16:
+                raise ExportError("--int8 and --fp16 are ONNX variants: leave them out with --format hf")
+            export_hf(args.source, args.export_dir, force=args.force, checkpoint=args.checkpoint)
+            print(f"wrote {args.export_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
+                  "export_report.json): load it with transformers' from_pretrained")
+            return 0
         manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, opset=args.opset,
                           force=args.force, checkpoint=args.checkpoint)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:

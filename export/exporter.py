@@ -282,12 +282,18 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-def check_destination(export_dir: Path, checkpoint: Path, force: bool) -> None:
+HF_REPORT = "export_report.json"
+HF_FORMAT = "gpt-hf"
+HF_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", HF_REPORT}
+
+
+def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str = "onnx") -> None:
     """Refuse a destination the export would destroy something in.
 
-    A new or empty folder is fine. With `force`, so is an earlier export folder: one whose
-    manifest.json is this toolkit's and which holds nothing but the files that manifest names.
-    Never a file, the checkpoint's own folder or one above it, or a folder with anything else.
+    A new or empty folder is fine. With `force`, so is an earlier export folder of the same kind:
+    one whose manifest.json (ONNX) or export_report.json (transformers) is this toolkit's and which
+    holds nothing but the files that export writes. Never a file, the checkpoint's own folder or one
+    above it, or a folder with anything else.
     """
     dest, source = export_dir.resolve(), checkpoint.resolve()
     if dest == source or dest in source.parents:
@@ -303,16 +309,20 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool) -> None:
     if not force:
         raise ExportError(f"{export_dir} exists and is not empty: pass --force to replace an earlier export, or "
                           "choose another EXPORT_DIR")
+    marker, expected = ("manifest.json", FORMAT) if kind == "onnx" else (HF_REPORT, HF_FORMAT)
     try:
-        manifest = json.loads((export_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((export_dir / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{export_dir} is not an export folder (no gpt-onnx manifest.json), and --force replaces "
-                          "only an earlier export: choose another EXPORT_DIR")
-    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    ours = {"manifest.json", "tokenizer.json"} | {str(f) for f in files.values()}
-    ours |= {f"{f}.data" for f in files.values()}
+    if not isinstance(manifest, dict) or manifest.get("format") != expected:
+        raise ExportError(f"{export_dir} is not an export folder (no {expected} {marker}), and --force replaces "
+                          "only an earlier export of the same format: choose another EXPORT_DIR")
+    if kind == "onnx":
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        ours = {"manifest.json", "tokenizer.json"} | {str(f) for f in files.values()}
+        ours |= {f"{f}.data" for f in files.values()}
+    else:
+        ours = HF_EXPORT_FILES
     foreign = [name for name in entries if name not in ours]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -403,5 +413,43 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
         export_dir.parent.mkdir(parents=True, exist_ok=True)
         publish_folder(tmp, export_dir, replace=True)
         return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False, checkpoint: str = "best",
+              log: Callable[[str], None] = print) -> dict:
+    """Write a checkpoint as a transformers GPT2LMHeadModel folder, checked against transformers when it
+    is installed (logits within 1e-5 relative, 100 greedy tokens identical, no missing or unexpected keys)."""
+    from gpt.hf import HFError, export_gpt2, parity_with_transformers
+
+    export_dir = Path(export_dir)
+    which = checkpoint
+    checkpoint = resolve_checkpoint(source, which)
+    check_destination(export_dir, checkpoint, force, kind="hf")
+    model, tokenizer, meta = load_checkpoint(checkpoint)
+    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            export_gpt2(model, tokenizer, tmp)
+        except HFError as e:
+            raise ExportError(str(e)) from None
+        parity = parity_with_transformers(model, tmp)
+        if parity["checked"]:
+            log(f"transformers: logits within {parity['max_rel_logit_error']:.1e} (tolerance 1e-5), greedy "
+                f"{parity['greedy_tokens']} tokens identical: {parity['greedy_identical']}")
+            if not parity["passed"] or not parity["greedy_identical"] or parity["loading_problems"]:
+                raise ExportError(f"transformers reads the folder differently ({parity}); it is not written")
+        else:
+            log(f"warning: {parity['note']}")
+        report = {"format": HF_FORMAT, "source": {"checkpoint": str(checkpoint), "step": meta.get("step"),
+                                                  "selected": which},
+                  "parity": parity, "torch": torch.__version__}
+        (tmp / HF_REPORT).write_text(json.dumps(report, indent=2))
+        check_destination(export_dir, checkpoint, force, kind="hf")
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        publish_folder(tmp, export_dir, replace=True)
+        return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,13 +58,18 @@ def _label(c: str) -> str:
 
 
 def plot_attention(weights: torch.Tensor, text: str, out: str | Path, title: str = "") -> Path:
-    """A grid of heatmaps, one per (layer, head): rows are queries, columns keys, characters on the axes."""
+    """A grid of heatmaps, one per (layer, head): rows are queries, columns keys, characters on the axes.
+    The masked future (above the diagonal) is hatched grey, apart from weights that are merely near zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     L, H, T, _ = weights.shape
+    future = np.triu(np.ones((T, T), dtype=bool), 1)
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("lightgrey")
     size = max(2.2, 0.16 * T)
     fig, axes = plt.subplots(L, H, figsize=(size * H + 1.5, size * L + 1.2), squeeze=False, layout="constrained")
     labels = [_label(c) for c in text]
@@ -72,7 +77,8 @@ def plot_attention(weights: torch.Tensor, text: str, out: str | Path, title: str
     for layer in range(L):
         for head in range(H):
             ax = axes[layer][head]
-            image = ax.imshow(weights[layer, head].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            shown = np.ma.masked_array(weights[layer, head].cpu().numpy(), mask=future)
+            image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
             ax.set_xticklabels(labels, fontsize=font, family="monospace")
@@ -83,31 +89,63 @@ def plot_attention(weights: torch.Tensor, text: str, out: str | Path, title: str
                 ax.set_ylabel("query (attends from)", fontsize=9)
             if layer == L - 1:
                 ax.set_xlabel("key (attends to)", fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    fig.suptitle(title or f"attention weights over {T} characters (brighter = more attention)", fontsize=13)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (grey: the future, masked)")
+    fig.suptitle(title or f"attention weights over {T} characters: each row (a query) spreads weight 1 over the "
+                 "keys at or before it (brighter = more)", fontsize=12)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
 
 
-def plot_positions(model: GPT, out: str | Path) -> Path:
-    """Cosine similarity between the learned position embeddings: (block_size, block_size)."""
+def position_similarity(model: GPT) -> torch.Tensor:
+    """Cosine similarity between every two learned position embeddings: (block_size, block_size)."""
+    with torch.no_grad():
+        p = F.normalize(model.position_embedding.weight.float(), dim=-1)
+        return (p @ p.T).cpu()
+
+
+def plot_positions(models: dict[str, GPT] | GPT, out: str | Path) -> Path:
+    """Position-embedding similarity, one panel per model (e.g. {"untrained": a, "trained": b})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with torch.no_grad():
-        p = F.normalize(model.position_embedding.weight.float(), dim=-1)
-        similarity = (p @ p.T).cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1, vmax=1)
-    fig.colorbar(image, ax=ax, label="cosine similarity")
-    ax.set_xlabel("position")
-    ax.set_ylabel("position")
-    ax.set_title("learned position embeddings: similarity between positions\n"
-                 "(a strong diagonal band: nearby positions are encoded alike)", fontsize=10)
-    fig.tight_layout()
+    models = models if isinstance(models, dict) else {"this model": models}
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models) + 1, 5), squeeze=False, layout="constrained")
+    for ax, (name, model) in zip(axes[0], models.items()):
+        image = ax.imshow(position_similarity(model).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("position")
+        ax.set_ylabel("position")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    fig.suptitle("cosine similarity between the position embeddings of every two positions", fontsize=12)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_qkv_split(attn: CausalSelfAttention, out: str | Path) -> Path:
+    """How the fused qkv weight (3C, C) splits: three blocks of C rows (Q, K, V), each cut into H heads of
+    D rows. Row r of the weight makes output feature r, so head h's query is rows h*D..(h+1)*D-1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = attn.qkv.weight.detach().float().cpu().numpy()  # (3C, C)
+    C, H, D = w.shape[1], attn.num_heads, attn.head_dim
+    fig, ax = plt.subplots(figsize=(5.5, 8), layout="constrained")
+    limit = float(abs(w).max())
+    ax.imshow(w, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    for part, name in enumerate("QKV"):
+        for h in range(H):
+            top = part * C + h * D
+            ax.axhline(top - 0.5, color="black" if h == 0 else "grey", linewidth=1.5 if h == 0 else 0.5)
+            ax.text(C + 0.5, top + D / 2, f"{name} head {h}", va="center", fontsize=8)
+    ax.set_xlabel(f"input feature (C = {C})")
+    ax.set_ylabel(f"output feature: 3C = {3 * C} rows")
+    ax.set_title(f"qkv.weight, ({3 * C}, {C}): Q, K, V, each split into {H} heads of D = {D}", fontsize=10)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)

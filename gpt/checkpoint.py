@@ -120,8 +120,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
 def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict) -> None:
     """Write the self-describing part of a checkpoint, then meta.json listing every file in `folder`
     (the optimizer and RNG states included, so write those first) with its size."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    save_file(weights_to_save(model), str(folder / "model.safetensors"), metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps(model.config.__dict__, indent=2))
     tokenizer.save(folder / "tokenizer.json")
     (folder / "run_config.json").write_text(json.dumps(run_config, indent=2))
@@ -141,12 +140,24 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def weights_to_save(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict, on the CPU; a tied LM head is the token embedding, so it is stored once."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    return state
+
+
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an earlier one")
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    missing, unexpected = model.load_state_dict(load_file(str(path), device=str(device)), strict=not tied)
+    if tied and (unexpected or set(missing) - {"lm_head.weight"}):
+        raise CheckpointError(f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                              "use the checkpoint's own config")
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest") -> tuple[GPT, Tokenizer, dict]:

@@ -35,9 +35,14 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
     vocab_size: int = 0  # filled in from the tokenizer
+    tie_embeddings: bool = False  # the LM head reuses the token embedding matrix (as GPT-2 does)
+    init_from: str | None = None  # hf:PATH_OR_NAME: start from a transformers GPT-2 (its shape replaces the above)
 
     def problems(self) -> list[str]:
         out = []
+        if self.init_from is not None and not (self.init_from.startswith("hf:") and len(self.init_from) > 3):
+            out.append(f"model.init_from={self.init_from!r} must be hf:PATH (a transformers GPT-2 folder) or hf:NAME "
+                       "(a Hub model, e.g. hf:gpt2)")
         for name in ("block_size", "embedding_dim", "num_heads", "num_layers"):
             if getattr(self, name) < 1:
                 out.append(f"model.{name}={getattr(self, name)} must be >= 1")
@@ -107,7 +112,7 @@ class TrainConfig:
     min_lr: float | None = None  # floor of the cosine decay; default learning_rate / 10
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # cosine decays until here; default max_iters
-    weight_decay: float = 0.1  # applied to matrices only (not biases, LayerNorm, embeddings)
+    weight_decay: float = 0.1  # applied to matrices, embeddings included (not biases or LayerNorm gains)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables

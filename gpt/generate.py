@@ -67,3 +67,16 @@ def generate_uncached(
         context.append(token)
         if len(context) > block:
             context = refill_context(context, block)
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, params: SamplingParams | None = None,
+                  seed: int = 0) -> Iterator[str]:
+    """Continue `prompt`, yielding text as it is generated, a whole character at a time: a byte-level
+    token can end inside a UTF-8 character, and the tokenizer's stream decoder holds such bytes back."""
+    decoder = tokenizer.stream()
+    for token in generate(model, tokenizer.encode(prompt), max_new_tokens, params, seed, eot_id=tokenizer.eot_id):
+        if token != tokenizer.eot_id:
+            if piece := decoder.feed(token):
+                yield piece
+    if tail := decoder.flush():
+        yield tail

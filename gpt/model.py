@@ -33,32 +33,6 @@ class GPTOutput(NamedTuple):
     present: KVCache | None  # the cache extended by this call's keys and values, when use_cache
 
 
-def attention_mask_from_positions(
-    query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None,
-) -> torch.Tensor:
-    """Which keys each query may look at: (B, 1, T, P+T) bool, True = visible.
-
-    A key is visible to a query when it is not in the future (key_pos <= query_pos) and is a real
-    token, not left padding (key_valid). A padded query would then see nothing, and a softmax over
-    nothing is NaN, so every query may always see its own slot (the last T keys are this call's).
-    """
-    visible = key_pos[:, None, :] <= query_pos[:, :, None]  # (B, T, P+T)
-    if key_valid is not None:
-        visible = visible & key_valid[:, None, :].bool()
-    T, S = query_pos.shape[1], key_pos.shape[1]
-    own = torch.arange(S, device=query_pos.device)[None, :] == torch.arange(S - T, S, device=query_pos.device)[:, None]
-    return (visible | own[None]).unsqueeze(1)
-
-
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where visible, a large negative number elsewhere: added to the scores before softmax.
-
-    An additive mask exports to a plain Add; a boolean one makes the exported SDPA select with
-    Where and guard against all-masked rows with IsNaN, which costs a third of a prefill on CPU.
-    """
-    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: every token mixes in the values of the tokens before it.
 
@@ -142,6 +116,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.embedding_dim, bias=config.bias)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
+        if config.tie_embeddings:  # one matrix reads tokens in and writes logits out (GPT-2, weight tying)
+            self.lm_head.weight = self.token_embedding.weight
         # GPT-2's scaled init: each residual projection is one of 2*num_layers additions to the stream
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -230,3 +206,35 @@ class GPT(nn.Module):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --- masks for cached and padded attention ---------------------------------------------------------
+#
+# Training sees whole sequences and uses the fused causal kernel. With a KV cache (P earlier tokens,
+# T new ones) or left padding, the mask is built from positions instead: key j is visible to query i
+# when j <= P + i and j is a real token.
+
+def attention_mask_from_positions(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Which keys each query may look at: (B, 1, T, P+T) bool, True = visible.
+
+    A key is visible to a query when it is not in the future (key_pos <= query_pos) and is a real
+    token, not left padding (key_valid). A padded query would then see nothing, and a softmax over
+    nothing is NaN, so every query may always see its own slot (the last T keys are this call's).
+    """
+    visible = key_pos[:, None, :] <= query_pos[:, :, None]  # (B, T, P+T)
+    if key_valid is not None:
+        visible = visible & key_valid[:, None, :].bool()
+    T, S = query_pos.shape[1], key_pos.shape[1]
+    own = torch.arange(S, device=query_pos.device)[None, :] == torch.arange(S - T, S, device=query_pos.device)[:, None]
+    return (visible | own[None]).unsqueeze(1)
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, a large negative number elsewhere: added to the scores before softmax.
+
+    An additive mask exports to a plain Add; a boolean one makes the exported SDPA select with
+    Where and guard against all-masked rows with IsNaN, which costs a third of a prefill on CPU.
+    """
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)

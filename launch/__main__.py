@@ -9,8 +9,8 @@ import sys
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m launch",
-        description="Train a character-level GPT. Runs in one process, or under `accelerate launch -m launch` "
-        "on one GPU, DDP over GPUs or CPU processes, or several machines.",
+        description="Train a GPT (char or byte-level BPE tokens). Runs in one process, or under "
+        "`accelerate launch -m launch` on one GPU, DDP over GPUs or CPU processes, or several machines.",
         epilog="Overrides: any --section.key=value, e.g. --train.max_iters=500 --model.dropout=0.1. "
         "Example: python -m launch configs/shakespeare_char_cpu.yaml --train.out_dir=runs/mine",
     )

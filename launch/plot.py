@@ -17,10 +17,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: pass a run's out_dir (it holds metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line torn by a kill mid-write
+            continue
+    return records
 
 
-def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_losses(run_dir: str | Path, out: str | Path | None = None,
+                references: dict[str, float] | None = None) -> Path:
+    """Train and validation loss against step; `references` draws labelled horizontal lines (say
+    {"ln V: uniform guess": 4.17, "bigram": 2.49}) to read the curve against."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,11 +52,16 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
         note = f" ({bpb[best]:.3f} bits/byte)" if bpb[best] is not None else ""
         ax.annotate(f"val {val[best]:.3f}{note} @ {steps[best]}", (steps[best], val[best]),
                     textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9, color="tab:orange")
-    values = [v for _, v in train] + [v for e in evals for v in e[1:]]
-    if max(values) / max(min(values), 1e-9) > 3:  # a wide range reads better on a log axis
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1)
+        ax.annotate(f"{label} ({value:.2f})", (1.0, value), xycoords=("axes fraction", "data"), ha="right",
+                    va="bottom", fontsize=8, color="dimgrey")
+    values = [v for _, v in train] + [v for e in evals for v in e[1:]] + list((references or {}).values())
+    log_axis = max(values) / max(min(values), 1e-9) > 3  # a wide range reads better on a log axis
+    if log_axis:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.set_ylabel("cross-entropy loss (nats per token)" + (", log scale" if log_axis else ""))
     ax.set_title(f"{Path(run_dir).resolve().name}: loss against step")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

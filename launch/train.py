@@ -102,6 +102,8 @@ def get_lr(step: int, config: RunConfig) -> float:
 def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConfig, Path | None]:
     """Load and validate the config and decide where to start. Raises before any work is done."""
     config = load_run_config(config_path, overrides)
+    if config.model.init_from:
+        config = take_shape_from_hf(config)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
@@ -126,6 +128,28 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
                 "resume with the run's own config, or start a new out_dir"
             )
     return config, start_from
+
+
+def take_shape_from_hf(config: RunConfig) -> RunConfig:
+    """model.init_from=hf:...: the model's shape and the tokenizer come from the transformers folder;
+    the run config keeps its dropout and everything else."""
+    from gpt.hf import HFError, read_config, read_tokenizer, resolve_folder, weights_path
+
+    try:
+        folder = resolve_folder(config.model.init_from)
+        shape = read_config(folder)
+        weights_path(folder)
+        read_tokenizer(folder, shape.vocab_size)
+    except HFError as e:
+        raise ConfigError(str(e)) from None
+    d = config.data
+    tokenizer_file = str(folder / "tokenizer.json")
+    if d.tokenizer_file not in (None, tokenizer_file):
+        raise ConfigError(f"data.tokenizer_file={d.tokenizer_file} differs from the imported model's "
+                          f"{tokenizer_file}: drop it, the model brings its own")
+    model = dataclasses.replace(shape, vocab_size=0, dropout=config.model.dropout, init_from=config.model.init_from)
+    data = dataclasses.replace(d, tokenizer="bpe", tokenizer_file=tokenizer_file)
+    return dataclasses.replace(config, model=model, data=data)
 
 
 _LOCKS: dict[Path, FolderLock] = {}
@@ -414,6 +438,23 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
     peak = peak_flops(accelerator.device, accelerator.mixed_precision)
     train_data = corpus.train
     last = {"step": start_step}
+
+    def evaluate(done: int) -> None:
+        losses = validate(model, corpus, config, accelerator)
+        bpb = bits_per_byte(losses["val"], corpus.bytes_per_token("val"))  # compares tokenizers
+        console.evaluation(done, losses["train"], losses["val"], bpb)
+        if accelerator.is_main_process:
+            append_metrics(metrics_path, {"step": done, "eval_train_loss": losses["train"],
+                                          "val_loss": losses["val"], "val_bpb": bpb, "time": time.time()})
+        accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"],
+                         **({"eval/val_bpb": bpb} if bpb is not None else {})}, step=done)
+        last.update(eval_train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb, evaluated_at=done)
+        if not math.isfinite(losses["val"]):
+            raise TrainingError(f"validation loss is {losses['val']} at step {done}: training diverged; "
+                                f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}")
+
+    if start_step == 0:  # where the untrained model starts: near ln(vocab_size)
+        evaluate(0)
     model.train()
     timer, timed_steps = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -464,18 +505,7 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
             timer, timed_steps = time.perf_counter(), 0
 
         if evaluated:
-            losses = validate(model, corpus, config, accelerator)
-            bpb = bits_per_byte(losses["val"], corpus.bytes_per_token("val"))  # compares tokenizers
-            console.evaluation(done, losses["train"], losses["val"], bpb)
-            if accelerator.is_main_process:
-                append_metrics(metrics_path, {"step": done, "eval_train_loss": losses["train"],
-                                              "val_loss": losses["val"], "val_bpb": bpb, "time": time.time()})
-            accelerator.log({"eval/train_loss": losses["train"], "eval/val_loss": losses["val"],
-                             **({"eval/val_bpb": bpb} if bpb is not None else {})}, step=done)
-            last.update(eval_train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb, evaluated_at=done)
-            if not math.isfinite(losses["val"]):
-                raise TrainingError(f"validation loss is {losses['val']} at step {done}: training diverged; "
-                                    f"the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}")
+            evaluate(done)
 
         if saving:
             path = save_checkpoint(accelerator, model, corpus, config, done,
@@ -523,9 +553,21 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
             )
 
     set_seed(t.seed)  # same initial weights on every rank
-    model = GPT(model_config)
+    imported = None
+    if config.model.init_from and start_from is None:  # fine-tuning starts from the imported weights
+        from gpt.hf import import_gpt2, parity_with_transformers, resolve_folder
+
+        folder = resolve_folder(config.model.init_from)
+        model = import_gpt2(folder, model_config)
+        imported = {"from": str(folder), "parity": parity_with_transformers(model, folder)
+                    if accelerator.is_main_process else {"checked": False}}
+        model.train()
+    else:
+        model = GPT(model_config)
     flops_per_token = model.flops_per_token()
     report = environment_report(accelerator, config, model)
+    if imported is not None:
+        report["init_from"] = imported
     # fused AdamW: one kernel for all parameters, on CUDA and (since torch 2.4) on CPU
     optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
                                   betas=(t.beta1, t.beta2), fused=True)
@@ -563,7 +605,13 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
                 f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {out_dir}")
     for section, values in report["resolved_config"].items():
         console.log(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
+    if imported is not None:
+        p = imported["parity"]
+        checked = (f"logits within {p['max_rel_logit_error']:.1e} of transformers', greedy {p['greedy_tokens']} "
+                   f"tokens identical: {p['greedy_identical']}" if p.get("checked") else p.get("note", "not compared"))
+        console.log(f"starting from {config.model.init_from} ({imported['from']}): {checked}")
+    else:
+        console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
     try:
         last = fit(accelerator, model, optimizer, corpus, config, start_step, console, flops_per_token)
     finally:

@@ -65,13 +65,21 @@ def subprocess_env(cuda: bool = False, **extra: str) -> dict[str, str]:
     return env
 
 
+BPE = ["--data.tokenizer=bpe", "--data.vocab_size=512"]  # the tiny config with a byte-level BPE tokenizer
+
+
+def command(*args: str) -> None:
+    """Run `python -m ...` as a user would; fail the test with its output if it fails."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     """A tiny model trained for 40 steps by the real command line."""
     out = tmp_path_factory.mktemp("run")
-    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}",
-                           "--train.max_iters=40"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command("launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40")
     return out
 
 
@@ -79,30 +87,21 @@ def run_dir(tmp_path_factory):
 def export_dir(run_dir, tmp_path_factory):
     """That run exported, with the int8 variant."""
     out = tmp_path_factory.mktemp("exports") / "tiny"
-    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(out), "--int8"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command("export", str(run_dir), str(out), "--int8")
     return out
 
-
-BPE = ["--data.tokenizer=bpe", "--data.vocab_size=512"]  # the tiny config with a byte-level BPE tokenizer
 
 
 @pytest.fixture(scope="session")
 def bpe_run_dir(tmp_path_factory):
     """A tiny byte-level BPE model trained for 40 steps by the real command line."""
     out = tmp_path_factory.mktemp("bpe-run")
-    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}",
-                           "--train.max_iters=40", *BPE], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command("launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40", *BPE)
     return out
 
 
 @pytest.fixture(scope="session")
 def bpe_export_dir(bpe_run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bpe-exports") / "tiny-bpe"
-    proc = subprocess.run([sys.executable, "-m", "export", str(bpe_run_dir), str(out), "--int8"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    command("export", str(bpe_run_dir), str(out), "--int8")
     return out

@@ -318,3 +318,16 @@ def test_serve_cli_takes_any_utf8_prompt_with_a_bpe_model(bpe_export_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Ça va? 日本 ROMEO:") and "\ufffd" not in proc.stdout[:20]
     assert "tokens/s" in proc.stderr
+
+
+def test_the_pytorch_reference_streams_the_same_whole_characters(bpe_export_dir, bpe_run_dir):
+    from gpt.generate import generate_text
+
+    model, tokenizer, _ = load_checkpoint(bpe_run_dir)
+    params = SamplingParams(temperature=1.5)
+    pieces = list(generate_text(model, tokenizer, "naïve 日本", 80, params, seed=3))
+    ort = list(generate(OnnxModel(bpe_export_dir, threads=1), "naïve 日本", 80, params, seed=3))
+    assert "".join(pieces) == "".join(e.text for e in ort)
+    # a piece cut inside a character would show as an extra U+FFFD against decoding all bytes at once
+    ids = [t for t in ort[-1].sequence.generated if t != tokenizer.eot_id]
+    assert "".join(pieces) == tokenizer.decode(ids)

@@ -284,6 +284,17 @@ def test_a_tiny_temperature_is_greedy_not_nan(server, expected):
 
 # --- hostile clients: bytes, time and connections -------------------------------------------------
 
+def read_all(s: socket.socket) -> bytes:
+    """Everything the server sends on a connection until it closes it."""
+    answer = b""
+    try:
+        while chunk := s.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
 def raw(url: str, data: bytes, timeout: float = 10.0) -> bytes:
     """Send raw bytes on a fresh connection; return everything the server answers before closing."""
     host, port = url.removeprefix("http://").split(":")
@@ -292,13 +303,7 @@ def raw(url: str, data: bytes, timeout: float = 10.0) -> bytes:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        answer = b""
-        try:
-            while chunk := s.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        return answer
+        return read_all(s)
 
 
 def post_head(path="/v1/completions", **headers) -> bytes:
@@ -360,15 +365,8 @@ def test_half_sent_requests_are_closed_after_the_read_timeout(strict_server):
     assert open_fds(proc.pid) >= baseline + 15
     assert requests.get(f"{url}/health", timeout=5).status_code == 200  # others are served meanwhile
     time.sleep(2.0)
-    answers = []
+    answers = [read_all(s) for s in socks]
     for s in socks:
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-        answers.append(data)
         s.close()
     assert all(a == b"" for i, a in enumerate(answers) if i % 3)  # no headers in time: closed
     assert all(a.startswith(b"HTTP/1.1 408") for i, a in enumerate(answers) if not i % 3)  # body never came

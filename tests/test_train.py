@@ -341,7 +341,7 @@ def test_the_best_checkpoint_is_marked_kept_and_exported_by_default(tmp_path, fr
     import launch.train as train
 
     # validation losses that fall, then rise: the best is step 20, long after pruning would drop it
-    losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    losses = iter([4.2, 3.0, 2.0, 2.5, 2.6, 2.7, 2.8])  # step 0, then every 10 steps
     monkeypatch.setattr(train, "validate", lambda *a: {"train": 1.0, "val": next(losses)})
     run(tmp_path, "--train.max_iters=60", "--train.eval_interval=10", "--train.checkpoint_interval=10",
         "--train.keep_checkpoints=2")
