@@ -54,7 +54,7 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None,
                     textcoords="offset points", xytext=(-10, 12), ha="right", fontsize=9, color="tab:orange")
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="grey", linestyle=style, linewidth=1)
-        ax.annotate(f"{label} ({value:.2f})", (1.0, value), xycoords=("axes fraction", "data"), ha="right",
+        ax.annotate(f"{label} ({value:.2f})", (0.01, value), xycoords=("axes fraction", "data"), ha="left",
                     va="bottom", fontsize=8, color="dimgrey")
     values = [v for _, v in train] + [v for e in evals for v in e[1:]] + list((references or {}).values())
     log_axis = max(values) / max(min(values), 1e-9) > 3  # a wide range reads better on a log axis
