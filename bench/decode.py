@@ -25,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gpt.checkpoint import write_model_files  # noqa: E402
-from gpt.config import ModelConfig, RunConfig  # noqa: E402
+from bench.common import VOCAB, machine, random_checkpoint  # noqa: E402
 from gpt.generate import generate, generate_uncached  # noqa: E402
-from gpt.model import GPT  # noqa: E402
 from gpt.sampling import SamplingParams  # noqa: E402
-from gpt.tokenizer import CharTokenizer  # noqa: E402
-
-VOCAB = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # TinyShakespeare's 65
 
 
 def copy_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
@@ -75,54 +70,48 @@ def run(argv: list[str] | None = None) -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(args, threads, Path(tmp))
+
+
+def measure(args, threads: int, tmp: Path) -> None:
     from export.exporter import export
     from serve.runtime import OnnxModel
     from serve.runtime import generate as ort_generate
 
-    config = ModelConfig(block_size=args.block, embedding_dim=args.dim, num_heads=args.heads, num_layers=args.layers,
-                         vocab_size=len(VOCAB))
-    torch.manual_seed(0)
-    model = GPT(config).eval()
-    tokenizer = CharTokenizer(VOCAB)
+    ckpt, model, tokenizer = random_checkpoint(tmp / "checkpoint", args.layers, args.heads, args.dim, args.block)
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, len(VOCAB), args.prompt).tolist()
     long_prompt = rng.integers(0, len(VOCAB), args.block).tolist()
     greedy = SamplingParams(greedy=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "checkpoint"
-        ckpt.mkdir()
-        run_config = RunConfig()
-        run_config.model = config
-        write_model_files(ckpt, model, tokenizer, {"step": 0}, run_config.to_dict())
-        started = time.time()
-        manifest = export(ckpt, Path(tmp) / "export", int8=True, log=lambda s: None)
-        export_s = time.time() - started
-        fp32 = OnnxModel(Path(tmp) / "export", threads=threads)
-        int8 = OnnxModel(Path(tmp) / "export", threads=threads, variant="int8")
-        fp32.warmup()
-        int8.warmup()
+    started = time.time()
+    manifest = export(ckpt, tmp / "export", int8=True, log=lambda s: None)
+    export_s = time.time() - started
+    fp32 = OnnxModel(tmp / "export", threads=threads)
+    int8 = OnnxModel(tmp / "export", threads=threads, variant="int8")
+    fp32.warmup()
+    int8.warmup()
 
-        def ort(m, p):
-            text = tokenizer.decode(p)
-            return (e for e in ort_generate(m, text, args.new_tokens, greedy))
+    def ort(m, p):
+        text = tokenizer.decode(p)
+        return (e for e in ort_generate(m, text, args.new_tokens, greedy))
 
-        bandwidth = copy_bandwidth()
-        rows = []
-        if not args.skip_uncached:
-            rows.append(("PyTorch, recompute context",
-                         time_stream(generate_uncached(model, prompt, args.new_tokens, greedy)),
-                         time_stream(generate_uncached(model, long_prompt, 1, greedy))))
-        list(generate(model, prompt, 5, greedy))  # warm up
-        rows.append(("PyTorch, KV cache", time_stream(generate(model, prompt, args.new_tokens, greedy)),
-                     time_stream(generate(model, long_prompt, 1, greedy))))
-        rows.append(("ORT fp32, KV cache", time_stream(ort(fp32, prompt)), time_stream(ort(fp32, long_prompt))))
-        rows.append(("ORT int8, KV cache", time_stream(ort(int8, prompt)), time_stream(ort(int8, long_prompt))))
+    bandwidth = copy_bandwidth()
+    rows = []
+    if not args.skip_uncached:
+        rows.append(("PyTorch, recompute context",
+                     time_stream(generate_uncached(model, prompt, args.new_tokens, greedy)),
+                     time_stream(generate_uncached(model, long_prompt, 1, greedy))))
+    list(generate(model, prompt, 5, greedy))  # warm up
+    rows.append(("PyTorch, KV cache", time_stream(generate(model, prompt, args.new_tokens, greedy)),
+                 time_stream(generate(model, long_prompt, 1, greedy))))
+    rows.append(("ORT fp32, KV cache", time_stream(ort(fp32, prompt)), time_stream(ort(fp32, long_prompt))))
+    rows.append(("ORT int8, KV cache", time_stream(ort(int8, prompt)), time_stream(ort(int8, long_prompt))))
 
     bound = bandwidth / weight_bytes
-    print(f"machine: {os.cpu_count()} cores, {threads} threads; torch {torch.__version__}, "
-          f"onnxruntime {__import__('onnxruntime').__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"machine: {machine()}; {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"model: {args.layers} layers, {args.heads} heads, {args.dim}-d, block {args.block}, vocab {len(VOCAB)}: "
           f"{weight_bytes / 1e6:.0f} MB of fp32 weights -> bandwidth bound {bound:.0f} tokens/s; "
           f"export+verify {export_s:.0f}s, parity {manifest['parity']['fp32']['max_rel_logit_error']:.1e}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -84,10 +83,9 @@ def run(argv: list[str] | None = None) -> int:
     from gpt.tokenizer import BPETokenizer
 
     source = resolve_corpus(DataConfig()).read_text(encoding="utf-8")
-    import tokenizers
+    from bench.common import machine
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}, tokenizers {tokenizers.__version__}")
+    print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         tokenizer_json = tmp / "tokenizer.json"

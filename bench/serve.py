@@ -28,27 +28,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-
-def make_export(folder: Path, layers: int, heads: int, dim: int, block: int) -> Path:
-    import torch
-
-    from export.exporter import export
-    from gpt.checkpoint import write_model_files
-    from gpt.config import ModelConfig, RunConfig
-    from gpt.model import GPT
-    from gpt.tokenizer import CharTokenizer
-
-    vocab = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-    config = ModelConfig(block_size=block, embedding_dim=dim, num_heads=heads, num_layers=layers,
-                         vocab_size=len(vocab))
-    torch.manual_seed(0)
-    run = RunConfig()
-    run.model = config
-    ckpt = folder / "checkpoint"
-    ckpt.mkdir(parents=True)
-    write_model_files(ckpt, GPT(config).eval(), CharTokenizer(vocab), {"step": 0}, run.to_dict())
-    export(ckpt, folder / "seed", log=lambda s: None)
-    return folder / "seed"
+from bench.common import machine, make_export  # noqa: E402
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
@@ -131,7 +111,8 @@ def run(argv: list[str] | None = None) -> None:
             server.wait()
         manifest = json.loads((export_dir / "manifest.json").read_text())["model"]
 
-    print(f"machine: {os.cpu_count()} cores; server onnxruntime threads {args.threads or 'all'}, max batch "
+    print(f"machine: {machine()}")
+    print(f"server onnxruntime threads {args.threads or 'all'}, max batch "
           f"{args.max_batch}; model {manifest['num_layers']} layers, {manifest['embedding_dim']}-d, block "
           f"{manifest['block_size']}; prompt 'ROMEO:', {args.max_tokens} new tokens, streaming")
     print(f"{'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s} "

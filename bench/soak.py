@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -40,18 +39,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from bench.serve import make_export  # noqa: E402
+from bench.common import machine, make_export  # noqa: E402
 
 HOST = "127.0.0.1"
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "O", "KING HENRY:"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def rss_kb(pid: int) -> int:
@@ -276,11 +267,9 @@ def run(argv: list[str] | None = None) -> int:
     served = sum(tally.status.values())
     unexpected_5xx = [u for u in tally.unexpected if u.split(": ")[-1].startswith("5")]
     rss_growth = (rss_end - rss_start) / rss_start
-    import onnxruntime
-
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}, onnxruntime "
-          f"{onnxruntime.__version__}; server onnxruntime threads {args.threads}; model "
-          f"{manifest['num_layers']} layers, {manifest['embedding_dim']}-d, block {manifest['block_size']}")
+    print(f"machine: {machine()}")
+    print(f"server onnxruntime threads {args.threads}; model {manifest['num_layers']} layers, "
+          f"{manifest['embedding_dim']}-d, block {manifest['block_size']}")
     print(f"phases: quiet {quiet_s:.0f} s, faults {fault_s:.0f} s; {args.clients} well-formed clients, "
           f"{args.max_tokens} tokens each; idle bursts of {args.idle_burst}; read timeout {args.read_timeout:g} s")
     print(f"requests: {served}; by status: {dict(sorted(tally.status.items()))}")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.common import machine  # noqa: E402
 from gpt.config import load_run_config  # noqa: E402
 from gpt.data import get_batch, prepare  # noqa: E402
 from gpt.model import GPT  # noqa: E402
@@ -92,11 +93,10 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    parser.add_argument("overrides", nargs="*", help="--section.key=value")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # --section.key=value, as every other command takes them
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     baby = args.baby if args.baby is not None else device.type == "cpu"
-    overrides = (BABY if baby else []) + [f"--train.mixed_precision={args.mixed_precision}"] + args.overrides
+    overrides = (BABY if baby else []) + [f"--train.mixed_precision={args.mixed_precision}"] + overrides
     threads = args.threads or len(os.sched_getaffinity(0))
     overrides.append(f"--train.threads={threads}")
     config = load_run_config(args.config, overrides)
@@ -105,8 +105,8 @@ def run(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
 
     m = config.model
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
-          f"{'GPU' if device.type == 'cuda' else 'cores'}), torch {torch.__version__}, "
+    print(f"machine: {machine()}")
+    print(f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads, "
           f"shape L{m.num_layers} H{m.num_heads} C{m.embedding_dim} T{m.block_size} B{config.train.batch_size}, "
           f"precision {args.mixed_precision}, {args.steps} timed steps")

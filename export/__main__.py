@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from serve.manifest import DEFAULT_OPSET
+
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -20,7 +22,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", help="folder to write (must be new or empty, unless --force)")
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (fp16 weights, fp32 I/O)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     parser.add_argument("--format", choices=["onnx", "hf"], default="onnx",
@@ -32,27 +34,27 @@ def run(argv: list[str] | None = None) -> int:
 
     from export.exporter import export, export_hf
     from gpt.checkpoint import CheckpointError
+    from gpt.cli import run_command
     from gpt.config import ConfigError
     from serve.manifest import ExportError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+
+    def work() -> None:
         if args.format == "hf":
             if args.int8 or args.fp16:
                 raise ExportError("--int8 and --fp16 are ONNX variants: leave them out with --format hf")
             export_hf(args.source, args.export_dir, force=args.force, checkpoint=args.checkpoint)
             print(f"wrote {args.export_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
                   "export_report.json): load it with transformers' from_pretrained")
-            return 0
+            return
         manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, opset=args.opset,
                           force=args.force, checkpoint=args.checkpoint)
-    except (ExportError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
-    print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
-    return 0
+        files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
+        print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
+
+    return run_command(work, (ExportError, CheckpointError, ConfigError, ValueError))
 
 
 if __name__ == "__main__":

@@ -35,11 +35,10 @@ from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import tokenizer_sha256
-from serve.manifest import FORMAT, FORMAT_VERSION, VARIANTS, ExportError, input_names, output_names
+from serve.manifest import DEFAULT_OPSET, FORMAT, FORMAT_VERSION, VARIANTS, ExportError, input_names, output_names
 from serve.runtime import OnnxModel
 from serve.runtime import generate as ort_generate
 
-DEFAULT_OPSET = 18
 FP32_TOLERANCE = 1e-4  # max |Δlogits| / max |logits|
 QUANTIZED_LOSS_WARNING = 0.05  # nats of validation loss
 
@@ -333,88 +332,119 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
            opset: int = DEFAULT_OPSET, force: bool = False, eval_windows: int = 32, checkpoint: str = "best",
            log: Callable[[str], None] = print) -> dict:
-    """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest."""
+    """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest.
+
+    The steps: trace the graph and check it, write the manifest and tokenizer, verify against PyTorch,
+    add the quantized variants with their quality, publish the folder."""
     export_dir = Path(export_dir)
-    which = checkpoint
-    checkpoint = resolve_checkpoint(source, which)
-    check_destination(export_dir, checkpoint, force)
-    model, tokenizer, meta = load_checkpoint(checkpoint)
+    folder = resolve_checkpoint(source, checkpoint)
+    check_destination(export_dir, folder, force)
+    model, tokenizer, meta = load_checkpoint(folder)
     model.float().eval()
+    started = time.time()
+    with staging(export_dir) as tmp:
+        exporter, graph = _trace(model, tmp, opset)
+        log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
+        manifest = _describe(model, tokenizer, meta, folder, checkpoint, graph, exporter,
+                             {"int8": int8, "fp16": fp16, "opset": opset})
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        runtime = _verify(model, tmp, manifest, log)
+        variants = [v for v, wanted in (("int8", int8), ("fp16", fp16)) if wanted]
+        if variants:
+            manifest["quality"] = _add_variants(model, runtime, tmp, manifest, folder, variants, eval_windows, log)
+        manifest["export_seconds"] = round(time.time() - started, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _publish(tmp, export_dir, folder, force, kind="onnx")
+    return manifest
+
+
+@contextlib.contextmanager
+def staging(export_dir: Path):
+    """A temporary folder beside `export_dir` to build the export in; removed whatever happens."""
     tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        started = time.time()
-        exporter = _torch_export(model, tmp / VARIANTS["fp32"], opset)
-        graph = check_graph(tmp / VARIANTS["fp32"])
-        log(f"exported {checkpoint} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
-
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "model": asdict(model.config),
-            "tokenizer": {"kind": tokenizer.kind, "file": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer),
-                          "eot_id": tokenizer.eot_id},
-            "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
-            "files": {"fp32": VARIANTS["fp32"]},
-            "export_options": {"int8": int8, "fp16": fp16, "opset": opset, "exporter": exporter,
-                               "torch": torch.__version__},
-            "source": {"checkpoint": str(checkpoint), "step": meta.get("step"), "selected": which,
-                       "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
-                       "model_sha256": sha256_file(checkpoint / "model.safetensors")},
-        }
-        tokenizer.save(tmp / "tokenizer.json")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        runtime = OnnxModel(tmp, threads=0)
-        parity = parity_grid(model, runtime)
-        greedy = greedy_parity(model, runtime)
-        manifest["parity"] = {"fp32": parity, "greedy": greedy}
-        log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
-            f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-        if not parity["passed"]:
-            raise ExportError(f"ONNX Runtime and PyTorch disagree: max |Δlogits|/scale "
-                              f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; the export is not usable")
-        if not greedy["identical"]:
-            raise ExportError(f"greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
-                              f"{greedy['tokens']}; the export is not usable")
-
-        if int8 or fp16:
-            windows, why = validation_windows(checkpoint, model.config.block_size, eval_windows)
-            base = validation_loss(runtime, windows) if windows is not None else None
-            quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows)}
-            for flag, variant, make in ((int8, "int8", quantize_int8), (fp16, "fp16", convert_fp16)):
-                if not flag:
-                    continue
-                make(tmp / VARIANTS["fp32"], tmp / VARIANTS[variant])
-                check_graph(tmp / VARIANTS[variant])
-                manifest["files"][variant] = VARIANTS[variant]
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-                quantized = OnnxModel(tmp, variant=variant)
-                probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]],
-                                      quantized.empty_cache(2))[0]
-                if not np.isfinite(probe).all():
-                    raise ExportError(f"the {variant} model produces NaN/inf logits; export without --{variant}")
-                entry = {"file": VARIANTS[variant]}
-                if windows is not None:
-                    loss = validation_loss(quantized, windows)
-                    entry |= {"val_loss": loss, "val_loss_change": loss - base}
-                    log(f"{variant}: validation loss {loss:.4f} vs fp32 {base:.4f} ({loss - base:+.4f} nats)")
-                    if loss - base > QUANTIZED_LOSS_WARNING:
-                        log(f"warning: {variant} raises validation loss by {loss - base:.3f} nats "
-                            f"(> {QUANTIZED_LOSS_WARNING}); prefer the fp32 model where quality matters")
-                else:
-                    entry["val_loss"] = None
-                    entry["note"] = why
-                    log(f"{variant}: validation loss not measured: {why}")
-                quality[variant] = entry
-            manifest["quality"] = quality
-        manifest["export_seconds"] = round(time.time() - started, 1)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        check_destination(export_dir, checkpoint, force)  # again: the folder may have changed meanwhile
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        publish_folder(tmp, export_dir, replace=True)
-        return manifest
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trace(model: GPT, tmp: Path, opset: int) -> tuple[str, dict]:
+    exporter = _torch_export(model, tmp / VARIANTS["fp32"], opset)
+    return exporter, check_graph(tmp / VARIANTS["fp32"])
+
+
+def _describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
+              options: dict) -> dict:
+    """The manifest: what the folder holds and where it came from."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model": asdict(model.config),
+        "tokenizer": {"kind": tokenizer.kind, "file": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer),
+                      "eot_id": tokenizer.eot_id},
+        "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
+        "files": {"fp32": VARIANTS["fp32"]},
+        "export_options": {**options, "exporter": exporter, "torch": torch.__version__},
+        "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
+                   "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
+                   "model_sha256": sha256_file(folder / "model.safetensors")},
+    }
+
+
+def _verify(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> OnnxModel:
+    """The parity grid and greedy identity; a graph that fails either is not written."""
+    runtime = OnnxModel(tmp, threads=0)
+    parity = parity_grid(model, runtime)
+    greedy = greedy_parity(model, runtime)
+    manifest["parity"] = {"fp32": parity, "greedy": greedy}
+    log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
+        f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
+    if not parity["passed"]:
+        raise ExportError(f"ONNX Runtime and PyTorch disagree: max |Δlogits|/scale "
+                          f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; the export is not usable")
+    if not greedy["identical"]:
+        raise ExportError(f"greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
+                          f"{greedy['tokens']}; the export is not usable")
+    return runtime
+
+
+def _add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, folder: Path, variants: list[str],
+                  eval_windows: int, log: Callable[[str], None]) -> dict:
+    """Write each quantized variant, check its logits are finite, and measure its validation-loss change."""
+    windows, why = validation_windows(folder, model.config.block_size, eval_windows)
+    base = validation_loss(runtime, windows) if windows is not None else None
+    quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows)}
+    makers = {"int8": quantize_int8, "fp16": convert_fp16}
+    for variant in variants:
+        makers[variant](tmp / VARIANTS["fp32"], tmp / VARIANTS[variant])
+        check_graph(tmp / VARIANTS[variant])
+        manifest["files"][variant] = VARIANTS[variant]
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        quantized = OnnxModel(tmp, variant=variant)
+        probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]], quantized.empty_cache(2))[0]
+        if not np.isfinite(probe).all():
+            raise ExportError(f"the {variant} model produces NaN/inf logits; export without --{variant}")
+        entry = {"file": VARIANTS[variant]}
+        if windows is None:
+            entry |= {"val_loss": None, "note": why}
+            log(f"{variant}: validation loss not measured: {why}")
+        else:
+            loss = validation_loss(quantized, windows)
+            entry |= {"val_loss": loss, "val_loss_change": loss - base}
+            log(f"{variant}: validation loss {loss:.4f} vs fp32 {base:.4f} ({loss - base:+.4f} nats)")
+            if loss - base > QUANTIZED_LOSS_WARNING:
+                log(f"warning: {variant} raises validation loss by {loss - base:.3f} nats "
+                    f"(> {QUANTIZED_LOSS_WARNING}); prefer the fp32 model where quality matters")
+        quality[variant] = entry
+    return quality
+
+
+def _publish(tmp: Path, export_dir: Path, folder: Path, force: bool, kind: str) -> None:
+    check_destination(export_dir, folder, force, kind)  # again: the folder may have changed meanwhile
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    publish_folder(tmp, export_dir, replace=True)
 
 
 def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False, checkpoint: str = "best",
@@ -428,9 +458,7 @@ def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False
     checkpoint = resolve_checkpoint(source, which)
     check_destination(export_dir, checkpoint, force, kind="hf")
     model, tokenizer, meta = load_checkpoint(checkpoint)
-    tmp = export_dir.with_name(f".{export_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staging(export_dir) as tmp:
         try:
             export_gpt2(model, tokenizer, tmp)
         except HFError as e:
@@ -447,9 +475,5 @@ def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False
                                                   "selected": which},
                   "parity": parity, "torch": torch.__version__}
         (tmp / HF_REPORT).write_text(json.dumps(report, indent=2))
-        check_destination(export_dir, checkpoint, force, kind="hf")
-        export_dir.parent.mkdir(parents=True, exist_ok=True)
-        publish_folder(tmp, export_dir, replace=True)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, export_dir, checkpoint, force, kind="hf")
+    return report

@@ -72,28 +72,25 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def _pointed(run_dir: str | Path, pointer: str) -> Path | None:
+    """The checkpoint a pointer file (checkpoints/latest or best) names, if it is there and complete."""
+    root = Path(run_dir) / "checkpoints"
+    if (root / pointer).is_file():
+        target = root / (root / pointer).read_text().strip()
+        if STEP_DIR.match(target.name) and target.is_dir() and not missing_files(target):
+            return target
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run: the `latest` pointer if it names a complete one,
     else the highest complete step."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if STEP_DIR.match(target.name) and target.is_dir() and not missing_files(target):
-            return target
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    return _pointed(run_dir, "latest") or (list_checkpoints(run_dir) or [None])[-1]
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with the lowest validation loss, as the `best` pointer names it."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "best"
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if STEP_DIR.match(target.name) and target.is_dir() and not missing_files(target):
-            return target
-    return None
+    return _pointed(run_dir, "best")
 
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:

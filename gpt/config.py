@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gpt.datasets import DATASETS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be run. The message names each bad key and how to fix it."""
@@ -79,9 +81,9 @@ class DataConfig:
         out = []
         if self.path is None and self.dataset is None:
             out.append("data.path is required (this config names no dataset): --data.path=FOLDER, a file or a glob")
-        elif self.path is None and self.dataset not in KNOWN_DATASETS:
+        elif self.path is None and self.dataset not in DATASETS:
             out.append(
-                f"data.dataset={self.dataset!r} is unknown: use one of {sorted(KNOWN_DATASETS)} "
+                f"data.dataset={self.dataset!r} is unknown: use one of {sorted(DATASETS)} "
                 "or set data.path to your own text"
             )
         if not 0.0 < self.val_fraction < 1.0:
@@ -97,8 +99,6 @@ class DataConfig:
             out.append(f"data.tokenizer_sample_mb={self.tokenizer_sample_mb} must be >= 1")
         return out
 
-
-KNOWN_DATASETS = {"tinyshakespeare"}
 
 
 @dataclass

@@ -38,13 +38,10 @@ from gpt.corpus import (
     name_hash,
     safe_pieces,
 )
+from gpt.datasets import DATASETS
 from gpt.files import fsync_path, publish_folder, waiting_lock
 from gpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
-TINYSHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TOKENS_FORMAT = 2
 
 
@@ -105,29 +102,26 @@ def download(url: str, dest: Path, sha256: str, retries: int = 3, timeout: float
 
 
 def resolve_corpus(config: DataConfig, url: str | None = None) -> Path:
-    """The path of the text file to train on, downloading TinyShakespeare if it is nowhere local."""
-    if config.path is not None:
-        path = Path(config.path).expanduser()
-        if not path.is_file():
-            raise DataError(f"data.path={config.path} does not exist: point it at a UTF-8 text file")
-        return path
+    """The file of a named dataset (gpt.datasets): $GPT_DATA_DIR's copy, the cache's, or a download,
+    each checked against the registry's sha256."""
     name = config.dataset
+    dataset = DATASETS[name]
     candidates = []
     if os.environ.get("GPT_DATA_DIR"):
-        candidates.append(Path(os.environ["GPT_DATA_DIR"]) / name / "input.txt")
-    cached = cache_dir() / "datasets" / name / "input.txt"
+        candidates.append(Path(os.environ["GPT_DATA_DIR"]) / name / dataset.filename)
+    cached = cache_dir() / "datasets" / name / dataset.filename
     candidates.append(cached)
     for path in candidates:
         if path.is_file():
             digest = sha256_file(path)
-            if digest != TINYSHAKESPEARE_SHA256:
+            if digest != dataset.sha256:
                 raise DataError(
-                    f"{path} has sha256 {digest}, expected {TINYSHAKESPEARE_SHA256}: "
+                    f"{path} has sha256 {digest}, expected {dataset.sha256}: "
                     "delete it to download a fresh copy, or set data.path to use it as your own text"
                 )
             return path
-    return download(url or os.environ.get("GPT_TINYSHAKESPEARE_URL") or TINYSHAKESPEARE_URL,
-                    cached, TINYSHAKESPEARE_SHA256)
+    mirror = os.environ.get(f"GPT_{name.upper()}_URL")  # e.g. GPT_TINYSHAKESPEARE_URL, for a local mirror
+    return download(url or mirror or dataset.url, cached, dataset.sha256)
 
 
 @dataclass
@@ -218,6 +212,9 @@ def prepare(config: DataConfig, url: str | None = None, progress: bool | None = 
 
 def _load(entry: Path, key: str) -> TokenizedCorpus:
     index = json.loads((entry / "index.json").read_text())
+    if index.get("format") != TOKENS_FORMAT:  # the key includes the format, so only a damaged entry gets here
+        raise DataError(f"{entry} is token format {index.get('format')!r}, this build reads {TOKENS_FORMAT}: delete "
+                        "the folder and it is prepared again")
     tokenizer = load_tokenizer(entry / "tokenizer.json")
     dtype = np.dtype(index["dtype"])
     splits = {}
@@ -447,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     """python -m gpt.data prepare CONFIG [--data.key=value ...]: prepare a run's corpus ahead of training."""
     import argparse
 
-    from gpt.config import ConfigError, load_run_config
+    from gpt.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m gpt.data", description="Prepare a run config's corpus once: "
                                      "find its files, train or load the tokenizer, tokenize on all cores into "
@@ -458,13 +455,17 @@ def main(argv: list[str] | None = None) -> int:
                                "--data.tokenizer=bpe --data.vocab_size=16384")
     prep.add_argument("config", help="YAML run config, e.g. configs/shakespeare_bpe_cpu.yaml")
     args, overrides = parser.parse_known_args(argv)
-    try:
-        config = load_run_config(args.config, overrides)
-        started = time.perf_counter()
-        corpus = prepare(config.data)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from gpt.cli import run_command
+
+    return run_command(lambda: prepare_and_report(args.config, overrides), (ConfigError, DataError))
+
+
+def prepare_and_report(config_path: str, overrides: list[str]) -> None:
+    from gpt.config import load_run_config
+
+    config = load_run_config(config_path, overrides)
+    started = time.perf_counter()
+    corpus = prepare(config.data)
     index = corpus.stats
     print(f"{index['tokenizer']} tokenizer, vocabulary {index['vocab_size']:,}; {index['files']} file(s) under "
           f"{index['root']} ({time.perf_counter() - started:.1f} s, cache entry {corpus.sha256[:24]})")
@@ -474,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
               f"({ratio:.2f} bytes per token) in {len(s['shards'])} shard(s)")
     skipped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in index["skipped"].items() if n) or "nothing"
     print(f"  skipped: {skipped}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -190,10 +190,10 @@ class GPT(nn.Module):
 
     # --- bookkeeping -------------------------------------------------------------------------
 
-    def num_parameters(self, exclude_embeddings: bool = True) -> int:
+    def num_parameters(self, exclude_positions: bool = True) -> int:
         """Parameter count; by default without the position embedding (as nanoGPT and the MFU formula)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.position_embedding.weight.numel() if exclude_embeddings else n
+        return n - self.position_embedding.weight.numel() if exclude_positions else n
 
     def flops_per_token(self, context: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·D·T."""

@@ -17,30 +17,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("config", help="YAML run config, e.g. configs/shakespeare_char_cpu.yaml")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in train.out_dir from its newest checkpoint")
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
-    if unknown:
-        parser.error(f"unrecognized arguments {unknown}: overrides take the form --section.key=value")
-    return args, rest
+    return parser.parse_known_args(argv)  # the rest are overrides, checked by gpt.config.parse_overrides
 
 
 def run(argv: list[str] | None = None) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     from gpt.checkpoint import CheckpointError
+    from gpt.cli import run_command
     from gpt.config import ConfigError
     from gpt.data import DataError
     from launch.train import TrainingError, main, setup
 
-    try:
+    def work() -> None:
         config, start_from = setup(args.config, overrides, args.resume)
         main(config, start_from)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: resume with --resume from the last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(work, (ConfigError, DataError, CheckpointError, TrainingError),
+                       interrupted="interrupted: resume with --resume from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -78,15 +78,15 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/loss.png)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        print(f"wrote {plot_losses(args.run_dir, args.out)}")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError:
-        print("error: plotting needs matplotlib: pip install -e '.[teach]'", file=sys.stderr)
-        return 2
-    return 0
+    from gpt.cli import run_command
+
+    def work() -> None:
+        try:
+            print(f"wrote {plot_losses(args.run_dir, args.out)}")
+        except ImportError:
+            raise ValueError("plotting needs matplotlib: pip install -e '.[teach]'") from None
+
+    return run_command(work, (FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -361,29 +361,7 @@ def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConf
     accelerator.wait_for_everyone()  # save_state ends without a barrier; a slow rank may still be writing
     problem = ""
     if accelerator.is_main_process:
-        from accelerate.utils import RNG_STATE_NAME
-
-        missing = [f"{RNG_STATE_NAME}_{r}.pkl" for r in range(accelerator.num_processes)
-                   if not (tmp / f"{RNG_STATE_NAME}_{r}.pkl").is_file()]
-        if missing:
-            problem = (f"checkpoint {final.name} lacks {', '.join(missing)} after every rank saved: on several "
-                       "machines train.out_dir must be on storage they all share; the checkpoint is not published")
-        else:
-            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-            write_model_files(tmp, unwrapped, corpus.tokenizer,
-                              {"step": step, "corpus_sha256": corpus.sha256, **meta}, config.to_dict())
-            publish_folder(tmp, final, replace=True)  # fsync files and folders, then rename
-            write_atomic(root / "latest", final.name)
-            best = best_checkpoint(out_dir)
-            if meta.get("evaluated_at") == step and math.isfinite(meta.get("val_loss", math.inf)) and (
-                    best is None or meta["val_loss"] < read_meta(best).get("val_loss", math.inf)):
-                write_atomic(root / "best", final.name)
-                best = final
-            for old in list_checkpoints(out_dir)[: -config.train.keep_checkpoints]:
-                if old != best:  # the best validation loss is kept however old it is
-                    shutil.rmtree(old, ignore_errors=True)
-            for stale in root.glob(".step-*.old-*"):  # left by a crash between two renames
-                shutil.rmtree(stale, ignore_errors=True)
+        problem = publish_checkpoint(accelerator, model, corpus, config, step, meta, tmp, final)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -391,6 +369,36 @@ def save_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConf
     if problem:
         raise TrainingError(problem)
     return final
+
+
+def publish_checkpoint(accelerator, model, corpus: TokenizedCorpus, config: RunConfig, step: int, meta: dict,
+                       tmp: Path, final: Path) -> str:
+    """The main process's part, once every rank has saved: check each rank's file, write the model files
+    and meta.json, publish durably, move `latest` (and `best`), prune. Returns a problem, or ""."""
+    from accelerate.utils import RNG_STATE_NAME
+
+    out_dir, root = Path(config.train.out_dir), final.parent
+    missing = [f"{RNG_STATE_NAME}_{r}.pkl" for r in range(accelerator.num_processes)
+               if not (tmp / f"{RNG_STATE_NAME}_{r}.pkl").is_file()]
+    if missing:
+        return (f"checkpoint {final.name} lacks {', '.join(missing)} after every rank saved: on several machines "
+                "train.out_dir must be on storage they all share; the checkpoint is not published")
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    write_model_files(tmp, unwrapped, corpus.tokenizer, {"step": step, "corpus_sha256": corpus.sha256, **meta},
+                      config.to_dict())
+    publish_folder(tmp, final, replace=True)  # fsync files and folders, then rename
+    write_atomic(root / "latest", final.name)
+    best = best_checkpoint(out_dir)
+    if meta.get("evaluated_at") == step and math.isfinite(meta.get("val_loss", math.inf)) and (
+            best is None or meta["val_loss"] < read_meta(best).get("val_loss", math.inf)):
+        write_atomic(root / "best", final.name)
+        best = final
+    for old in list_checkpoints(out_dir)[: -config.train.keep_checkpoints]:
+        if old != best:  # the best validation loss is kept however old it is
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.old-*"):  # left by a crash between two renames
+        shutil.rmtree(stale, ignore_errors=True)
+    return ""
 
 
 def _skip_weights_in_save_state(models, weights, output_dir) -> None:
@@ -430,11 +438,11 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfig, start_step: int,
         console: TrainingConsole, flops_per_token: float) -> dict:
-    t, block = config.train, config.model.block_size
+    t = config.train
     out_dir = Path(t.out_dir)
     metrics_path = out_dir / "metrics.jsonl"
     world = accelerator.num_processes
-    tokens_per_step = t.batch_size * block * t.gradient_accumulation_steps * world
+    tokens_per_step = t.batch_size * config.model.block_size * t.gradient_accumulation_steps * world
     peak = peak_flops(accelerator.device, accelerator.mixed_precision)
     train_data = corpus.train
     last = {"step": start_step}
@@ -463,19 +471,7 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
         lr = get_lr(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(t.gradient_accumulation_steps):
-            shard = micro * world + accelerator.process_index
-            x, y = get_batch(train_data, t.batch_size, block, t.seed, "train", step, shard)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = model(x.to(accelerator.device, non_blocking=True),
-                                 y.to(accelerator.device, non_blocking=True)).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
+        loss_sum += train_step(accelerator, model, optimizer, train_data, config, step)
         timed_steps += 1
         done = step + 1
 
@@ -487,20 +483,18 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
             mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / (
                 timed_steps * t.gradient_accumulation_steps)
             if not math.isfinite(mean_loss):
-                latest = latest_checkpoint(out_dir)
                 raise TrainingError(
                     f"loss became {mean_loss} by step {done}: training diverged; lower train.learning_rate or "
-                    f"raise train.warmup_iters; the last good checkpoint is {latest or 'none'}"
+                    f"raise train.warmup_iters; the last good checkpoint is {latest_checkpoint(out_dir) or 'none'}"
                 )
-            elapsed = time.perf_counter() - timer
-            tps = tokens_per_step * timed_steps / elapsed
+            tps = tokens_per_step * timed_steps / (time.perf_counter() - timer)
             mfu = flops_per_token * tps / (peak * world) if peak else None
+            record = {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
             console.step(done, mean_loss, lr, tps, mfu)
             if accelerator.is_main_process:
-                append_metrics(metrics_path, {"step": done, "train_loss": mean_loss, "lr": lr,
-                                              "tokens_per_s": tps, "mfu": mfu, "time": time.time()})
+                append_metrics(metrics_path, {**record, "time": time.time()})
             accelerator.log({"train/loss": mean_loss, "lr": lr, "tokens_per_s": tps}, step=done)
-            last.update(step=done, train_loss=mean_loss, tokens_per_s=tps, mfu=mfu)
+            last.update(record)
             loss_sum.zero_()
             timer, timed_steps = time.perf_counter(), 0
 
@@ -514,6 +508,28 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
         if evaluated or saving:
             timer = time.perf_counter()  # keep evaluation and saving out of tokens/s
     return last
+
+
+def train_step(accelerator, model, optimizer, train_data, config: RunConfig, step: int) -> torch.Tensor:
+    """One optimizer step: gradient_accumulation_steps micro-batches (this rank's shards of the
+    step's global batch), backward, clip, step. Returns the summed micro-batch losses."""
+    t, block = config.train, config.model.block_size
+    world = accelerator.num_processes
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(t.gradient_accumulation_steps):
+        shard = micro * world + accelerator.process_index
+        x, y = get_batch(train_data, t.batch_size, block, t.seed, "train", step, shard)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss = model(x.to(accelerator.device, non_blocking=True),
+                             y.to(accelerator.device, non_blocking=True)).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.detach().float()
+    return total
 
 
 class TrainResult(NamedTuple):
@@ -530,40 +546,15 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
 
 
 def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
-    from accelerate.utils import set_seed
-
     accelerator = make_accelerator(config)
     t = config.train
     out_dir = Path(t.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     start_from = agree_on_start(accelerator, start_from)
-    # Every rank calls prepare(): a lock in the cache lets the first one download and tokenize while
-    # the others wait on the lock, not in a collective, so a long first tokenization cannot run
-    # into the process group's timeout.
-    corpus = prepare(config.data)
-    if start_from is not None:
-        check_same_data(start_from, corpus)
+    corpus = load_corpus(config, start_from)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
-    for split in ("train", "val"):
-        if len(corpus.split(split)) <= model_config.block_size:
-            raise TrainingError(
-                f"the {split} split has {len(corpus.split(split))} tokens, not more than block_size="
-                f"{model_config.block_size}: use a longer text, a smaller model.block_size or another data.val_fraction"
-            )
-
-    set_seed(t.seed)  # same initial weights on every rank
-    imported = None
-    if config.model.init_from and start_from is None:  # fine-tuning starts from the imported weights
-        from gpt.hf import import_gpt2, parity_with_transformers, resolve_folder
-
-        folder = resolve_folder(config.model.init_from)
-        model = import_gpt2(folder, model_config)
-        imported = {"from": str(folder), "parity": parity_with_transformers(model, folder)
-                    if accelerator.is_main_process else {"checked": False}}
-        model.train()
-    else:
-        model = GPT(model_config)
+    model, imported = build_model(config, model_config, start_from, accelerator)
     flops_per_token = model.flops_per_token()
     report = environment_report(accelerator, config, model)
     if imported is not None:
@@ -574,6 +565,8 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     # From here each rank draws its own random numbers (dropout masks), as nanoGPT offsets the seed
     # by rank; rank 0 keeps the seed, so one process trains as before. Batches do not depend on it.
+    from accelerate.utils import set_seed
+
     set_seed(t.seed + accelerator.process_index)
     accelerator.register_save_state_pre_hook(_skip_weights_in_save_state)
     accelerator.register_load_state_pre_hook(_load_weights_for_load_state)
@@ -592,26 +585,7 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
         accelerator.init_trackers("gpt", config={k: v for k, v in vars(t).items() if v is not None})
 
     console = TrainingConsole(t.max_iters, start_step, enabled=accelerator.is_main_process)
-    console.log(
-        f"gpt {report['versions']['gpt']} · torch {torch.__version__} · {report['device_name']} "
-        f"({report['device']}) · world size {report['world_size']} · precision {report['mixed_precision']} · "
-        f"{torch.get_num_threads()} threads/process"
-    )
-    if accelerator.device.type == "cuda" and peak_flops(accelerator.device, accelerator.mixed_precision) is None:
-        console.log(f"MFU: unknown GPU {torch.cuda.get_device_name(accelerator.device)!r} (no peak in "
-                    "launch.train.PEAK_FLOPS), so no MFU is shown")
-    console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
-                f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
-                f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {out_dir}")
-    for section, values in report["resolved_config"].items():
-        console.log(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    if imported is not None:
-        p = imported["parity"]
-        checked = (f"logits within {p['max_rel_logit_error']:.1e} of transformers', greedy {p['greedy_tokens']} "
-                   f"tokens identical: {p['greedy_identical']}" if p.get("checked") else p.get("note", "not compared"))
-        console.log(f"starting from {config.model.init_from} ({imported['from']}): {checked}")
-    else:
-        console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
+    log_start(console, accelerator, config, model_config, report, start_from, start_step, imported)
     try:
         last = fit(accelerator, model, optimizer, corpus, config, start_step, console, flops_per_token)
     finally:
@@ -624,3 +598,64 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
         console.log(f"wrote {plot_losses(out_dir)}")
     accelerator.wait_for_everyone()
     return TrainResult(last, accelerator.unwrap_model(model, keep_torch_compile=False))
+
+
+def load_corpus(config: RunConfig, start_from: Path | None) -> TokenizedCorpus:
+    """The prepared corpus, checked against the run being resumed and against the model's window.
+
+    Every rank calls prepare(): a lock in the cache lets the first one download and tokenize while
+    the others wait on the lock, not in a collective, so a long first tokenization cannot run into
+    the process group's timeout."""
+    corpus = prepare(config.data)
+    if start_from is not None:
+        check_same_data(start_from, corpus)
+    block = config.model.block_size
+    for split in ("train", "val"):
+        if len(corpus.split(split)) <= block:
+            raise TrainingError(
+                f"the {split} split has {len(corpus.split(split))} tokens, not more than block_size={block}: "
+                "use a longer text, a smaller model.block_size or another data.val_fraction"
+            )
+    return corpus
+
+
+def build_model(config: RunConfig, model_config, start_from: Path | None, accelerator) -> tuple[GPT, dict | None]:
+    """A fresh model, the same on every rank (seeded), or, fine-tuning, one with imported GPT-2 weights
+    (and the check of that import against transformers, from the main process)."""
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)
+    if not (config.model.init_from and start_from is None):
+        return GPT(model_config), None
+    from gpt.hf import import_gpt2, parity_with_transformers, resolve_folder
+
+    folder = resolve_folder(config.model.init_from)
+    model = import_gpt2(folder, model_config)
+    parity = parity_with_transformers(model, folder) if accelerator.is_main_process else {"checked": False}
+    model.train()
+    return model, {"from": str(folder), "parity": parity}
+
+
+def log_start(console: TrainingConsole, accelerator, config: RunConfig, model_config, report: dict,
+              start_from: Path | None, start_step: int, imported: dict | None) -> None:
+    """What the run is, on the console: versions and device, the model, the resolved config, where it starts."""
+    console.log(
+        f"gpt {report['versions']['gpt']} · torch {torch.__version__} · {report['device_name']} "
+        f"({report['device']}) · world size {report['world_size']} · precision {report['mixed_precision']} · "
+        f"{torch.get_num_threads()} threads/process"
+    )
+    if accelerator.device.type == "cuda" and peak_flops(accelerator.device, accelerator.mixed_precision) is None:
+        console.log(f"MFU: unknown GPU {torch.cuda.get_device_name(accelerator.device)!r} (no peak in "
+                    "launch.train.PEAK_FLOPS), so no MFU is shown")
+    console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
+                f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
+                f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {config.train.out_dir}")
+    for section, values in report["resolved_config"].items():
+        console.log(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    if imported is not None:
+        p = imported["parity"]
+        checked = (f"logits within {p['max_rel_logit_error']:.1e} of transformers', greedy {p['greedy_tokens']} "
+                   f"tokens identical: {p['greedy_identical']}" if p.get("checked") else p.get("note", "not compared"))
+        console.log(f"starting from {config.model.init_from} ({imported['from']}): {checked}")
+    else:
+        console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")

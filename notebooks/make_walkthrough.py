@@ -160,7 +160,7 @@ Each block first normalises its input (LayerNorm, `ln_1`; section 9 shows why), 
 The model makes Q, K and V for all heads with one Linear, `qkv`, whose weight is `(3C, C)`: output
 features 0..C−1 are the queries, C..2C−1 the keys, 2C..3C−1 the values, and within each, head h
 owns features h·D..(h+1)·D−1. So head 0's query is the first D columns of `qkv(h)`."""),
-    ("code", """from gpt.attention import plot_qkv_split
+    ("code", """from gpt.pictures import plot_qkv_split
 
 display(Image(filename=str(plot_qkv_split(attn, OUT / "qkv.png"))))"""),
     ("code", """x = model.token_embedding(a) + model.position_embedding(torch.arange(a.shape[1]))  # (B, T, C)
@@ -183,7 +183,7 @@ Several heads run side by side, each with its own slice of Q, K and V, so each c
 something different. Their outputs are concatenated back to width C and mixed by one more Linear
 (`proj`). Doing that by hand for all heads reproduces `CausalSelfAttention`, which computes the
 same thing with one fused kernel (`scaled_dot_product_attention`) on all heads at once, `(B, H, T, D)`."""),
-    ("code", """from gpt.attention import head_by_hand
+    ("code", """from gpt.pictures import head_by_hand
 
 heads = [head_by_hand(attn, h, i)[1] for i in range(attn.num_heads)]   # each (B, T, D)
 by_hand = attn.proj(torch.cat(heads, dim=-1))                            # (B, T, C)
@@ -311,8 +311,8 @@ Each panel is one head: row i shows how the character at position i spreads its 
 itself and the characters before it (grey: the masked future, which it cannot see). Look for
 heads that attend to the previous character (a bright line just below the diagonal), heads that
 stay on the current one (the diagonal), and heads that look back to the start of a word or line.
-`python -m gpt.attention RUN_DIR --text ... --out attn.png` draws the same for any run."""),
-    ("code", """from gpt.attention import attention_weights, plot_attention
+`python -m gpt.pictures RUN_DIR --text ... --out attn.png` draws the same for any run."""),
+    ("code", """from gpt.pictures import attention_weights, plot_attention
 
 sample = "ROMEO: But soft, what light"
 weights = attention_weights(trained, torch.tensor([tokenizer.encode(sample)]))
@@ -324,7 +324,7 @@ and the trained one. Untrained, positions are unrelated random vectors: only the
 position with itself) is similar. After 300 steps, neighbouring positions have become more alike
 than unrelated ones (the printed mean), and the early positions of the window have drifted apart
 from the later ones, which a model uses to know how much context it has."""),
-    ("code", """from gpt.attention import plot_positions, position_similarity
+    ("code", """from gpt.pictures import plot_positions, position_similarity
 
 untrained = GPT(trained.config)
 band = lambda m: torch.diagonal(position_similarity(m), 1).mean().item()  # noqa: E731

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from serve.manifest import VARIANTS
+
 MAX_NEW_TOKENS = 100_000
 
 
@@ -14,7 +16,8 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m serve",
         description="Generate text from an export folder (python -m export) with onnxruntime; no torch needed. "
-        "Text streams to stdout; time to first token and tokens/s go to stderr.",
+        "One prompt's text streams to stdout as it is generated; several prompts are decoded together and "
+        "printed at the end. Time to first token and tokens/s go to stderr.",
         epilog='Example: python -m serve exports/shakespeare_char_cpu --prompt "ROMEO:" --max-new-tokens 300',
     )
     parser.add_argument("export_dir")
@@ -32,54 +35,62 @@ def run(argv: list[str] | None = None) -> int:
                         help="on CUDA, let fp32 matmuls use TF32 (faster on Ampere and newer; logits then differ "
                         "from the verified fp32 ones by about 1e-3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    parser.add_argument("--model", choices=["fp32", "int8", "fp16"], default="fp32", help="which exported model")
+    parser.add_argument("--model", choices=list(VARIANTS), default="fp32", help="which exported model")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
+    from gpt.cli import run_command
+    from serve.manifest import DeviceError, ExportError
+
+    return run_command(lambda: generate_to_stdout(args), (ExportError, DeviceError, ValueError))
+
+
+def generate_to_stdout(args: argparse.Namespace) -> int:
+    """Load the export, check every prompt, warm up, then generate, timing the first token and the rest."""
     from gpt.sampling import SamplingParams
-    from serve.manifest import ExportError
     from serve.runtime import OnnxModel, generate, validate_request
 
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+    model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model, tf32=args.tf32)
+    for prompt in args.prompt:
+        validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
+    model.warmup()
+    events = generate(model, args.prompt, args.max_new_tokens, params, args.seed, args.stop, limit=MAX_NEW_TOKENS)
     try:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
-        model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model,
-                          tf32=args.tf32)
-        for prompt in args.prompt:
-            validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
-        model.warmup()
-        start = time.perf_counter()
-        first, tokens = None, 0
-        several = len(args.prompt) > 1
-        texts = [""] * len(args.prompt)
-        if not several:
-            sys.stdout.write(args.prompt[0])
-        for event in generate(model, args.prompt, args.max_new_tokens, params, args.seed, args.stop,
-                              limit=MAX_NEW_TOKENS):
-            tokens += 1
-            if first is None:
-                first = time.perf_counter() - start
-            if several:
-                texts[event.sequence.tag] += event.text
-            else:
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-        elapsed = time.perf_counter() - start
-    except (ExportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        tokens, first, elapsed = write_text(args.prompt, events)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    rate = tokens / (elapsed - first) if tokens > 1 and elapsed > first else 0.0
+    print(f"[{args.model} on {args.device}: {tokens} tokens, time to first token {(first or 0) * 1000:.1f} ms, "
+          f"{rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def write_text(prompts: list[str], events) -> tuple[int, float | None, float]:
+    """One prompt: its text streams to stdout as it comes. Several: each is printed whole at the end,
+    under a header line. Returns (tokens, seconds to the first, seconds in all)."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    several = len(prompts) > 1
+    texts = [""] * len(prompts)
+    if not several:
+        sys.stdout.write(prompts[0])
+    for event in events:
+        tokens += 1
+        if first is None:
+            first = time.perf_counter() - start
+        if several:
+            texts[event.sequence.tag] += event.text
+        else:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
     if several:
-        for prompt, text in zip(args.prompt, texts):
+        for prompt, text in zip(prompts, texts):
             sys.stdout.write(f"--- {prompt!r}\n{prompt}{text}\n")
     else:
         sys.stdout.write("\n")
-    rate = tokens / (elapsed - first) if tokens > 1 and elapsed > first else 0.0
-    print(f"[{args.model} on {args.device}: {tokens} tokens, time to first token {first * 1000:.1f} ms, "
-          f"{rate:.1f} tokens/s]", file=sys.stderr)
-    return 0
+    return tokens, first, elapsed
 
 
 if __name__ == "__main__":

@@ -20,10 +20,15 @@ FORMAT = "gpt-onnx"
 FORMAT_VERSION = 2  # 2: the tokenizer in tokenizer.json (1 carried a char vocabulary inline, and is still read)
 READABLE_VERSIONS = (1, 2)
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+DEFAULT_OPSET = 18
 
 
 class ExportError(RuntimeError):
     """An export folder that cannot be used, or an export that failed. The message says what to do."""
+
+
+class DeviceError(RuntimeError):
+    """The device asked for cannot run the model here (no onnxruntime-gpu, no CUDA libraries)."""
 
 
 def input_names(num_layers: int) -> list[str]:

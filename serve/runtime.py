@@ -24,7 +24,7 @@ import numpy as np
 
 from gpt.sampling import SamplingParams, refill_context, sample
 from gpt.tokenizer import StreamDecoder, Tokenizer
-from serve.manifest import ExportError, manifest_tokenizer, model_path, read_manifest
+from serve.manifest import DeviceError, ExportError, manifest_tokenizer, model_path, read_manifest
 
 
 def _ort():
@@ -49,9 +49,9 @@ class OnnxModel:
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
         if device not in ("cpu", "cuda"):
-            raise ExportError(f"device {device!r} is unknown: use cpu or cuda")
+            raise DeviceError(f"device {device!r} is unknown: use cpu or cuda")
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ExportError(
+            raise DeviceError(
                 "device cuda needs onnxruntime-gpu, and this onnxruntime has only "
                 f"{', '.join(ort.get_available_providers())}: "
                 'pip uninstall -y onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]"'
@@ -71,7 +71,7 @@ class OnnxModel:
         # What is built in is not what a session gets: without the CUDA and cuDNN libraries
         # onnxruntime-gpu quietly falls back to the CPU. Check what this session really runs on.
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise ExportError(
+            raise DeviceError(
                 "onnxruntime-gpu could not start its CUDA provider, so the session fell back to the CPU: it needs "
                 "the CUDA 12 and cuDNN 9 libraries (libcudart.so.12, libcublasLt.so.12, libcudnn.so.9) on the "
                 'library path; pip install "onnxruntime-gpu[cuda,cudnn]" brings them (onnxruntime\'s log above '

@@ -52,6 +52,15 @@ def fresh_accelerate():
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def subprocess_env(cuda: bool = False, **extra: str) -> dict[str, str]:
     """Environment for a child process: this repo importable, one thread, the same data and cache,
     and no GPU unless asked for (so the suite gives the same results on a GPU machine)."""

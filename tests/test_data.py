@@ -69,7 +69,9 @@ def test_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
 def test_tinyshakespeare_is_downloaded_into_the_cache_when_missing(server, tmp_path, monkeypatch):
     monkeypatch.delenv("GPT_DATA_DIR", raising=False)
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr("gpt.data.TINYSHAKESPEARE_SHA256", SHA)
+    from gpt.datasets import DATASETS, Dataset
+
+    monkeypatch.setitem(DATASETS, "tinyshakespeare", Dataset(url="unused", sha256=SHA))
     path = resolve_corpus(DataConfig(), url=server["url"])
     assert path == tmp_path / "datasets" / "tinyshakespeare" / "input.txt" and path.read_bytes() == BODY
     assert resolve_corpus(DataConfig(), url="http://127.0.0.1:9/unused") == path  # cached: no second download

@@ -1,7 +1,6 @@
 """DDP through `accelerate launch` on CPU processes (gloo): really synchronised, really equivalent."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BPE, ROOT, TINY, subprocess_env
+from conftest import BPE, ROOT, TINY, free_port, subprocess_env
 
 pytestmark = pytest.mark.slow
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
@@ -76,12 +75,6 @@ def test_slow_ranks_are_waited_for_and_each_rank_draws_its_own_random_numbers(tm
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(meta["files"]), step
         for name, size in meta["files"].items():
             assert (checkpoints / step / name).stat().st_size == size, (step, name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_machines_on_loopback(tmp_path):

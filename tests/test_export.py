@@ -13,7 +13,7 @@ from conftest import ROOT, subprocess_env
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
-from serve.manifest import ExportError, input_names, output_names, read_manifest
+from serve.manifest import DeviceError, ExportError, input_names, output_names, read_manifest
 from serve.runtime import OnnxModel, generate
 
 
@@ -279,7 +279,7 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(export_dir, monkey
                             "InferenceSession": FallenBack, "SessionOptions": onnxruntime.SessionOptions,
                             "GraphOptimizationLevel": onnxruntime.GraphOptimizationLevel})
     monkeypatch.setattr(serve.runtime, "_ort", lambda: fake)
-    with pytest.raises(ExportError, match="fell back to the CPU.*libcudnn"):
+    with pytest.raises(DeviceError, match="fell back to the CPU.*libcudnn"):
         OnnxModel(export_dir, device="cuda")
     OnnxModel(export_dir, device="cpu")  # the same session on the CPU is what was asked for
 

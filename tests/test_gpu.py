@@ -239,15 +239,12 @@ def test_fp16_and_int8_on_cuda_are_finite_and_keep_the_validation_loss(run_dir, 
 
 @needs_ort_cuda
 def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir):
-    import socket
-
     import requests
 
+    from conftest import free_port
     from serve.runtime import OnnxModel, generate
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
                              "--device", "cuda"], cwd=ROOT, env=subprocess_env(cuda=True),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

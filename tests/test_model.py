@@ -115,5 +115,5 @@ def test_parameter_count_and_flops():
     per_block = 12 * c.embedding_dim ** 2 + 13 * c.embedding_dim  # qkv, proj, fc, proj weights+biases, 2 LN
     expected = c.vocab_size * c.embedding_dim * 2 + c.num_layers * per_block + 2 * c.embedding_dim
     assert model.num_parameters() == expected
-    assert model.num_parameters(exclude_embeddings=False) == expected + c.block_size * c.embedding_dim
+    assert model.num_parameters(exclude_positions=False) == expected + c.block_size * c.embedding_dim
     assert model.flops_per_token() == 6 * expected + 12 * c.num_layers * c.embedding_dim * c.block_size

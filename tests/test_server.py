@@ -11,15 +11,9 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, free_port, subprocess_env
 from gpt.sampling import SamplingParams
 from serve.runtime import OnnxModel, generate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(export_dir, *args, **env):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
-from gpt.attention import attention_weights, head_by_hand
 from gpt.config import ModelConfig
 from gpt.model import GPT
+from gpt.pictures import attention_weights, head_by_hand
 
 
 def png_size(path) -> tuple[int, int]:
@@ -47,14 +47,14 @@ def test_loss_curve_png(run_dir, tmp_path):
 
 def test_attention_and_position_pngs(run_dir, tmp_path):
     attn, pos = tmp_path / "attn.png", tmp_path / "pos.png"
-    proc = subprocess.run([sys.executable, "-m", "gpt.attention", str(run_dir), "--text", "ROMEO: But soft",
+    proc = subprocess.run([sys.executable, "-m", "gpt.pictures", str(run_dir), "--text", "ROMEO: But soft",
                            "--out", str(attn), "--positions-out", str(pos)], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     width, height = png_size(attn)
     assert 800 <= width <= 4000 and 400 <= height <= 4000  # 2 layers x 4 heads of 15 characters
     assert png_size(pos)[0] >= 400
-    bad = subprocess.run([sys.executable, "-m", "gpt.attention", str(run_dir), "--text", "x" * 100], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "gpt.pictures", str(run_dir), "--text", "x" * 100], cwd=ROOT,
                          env=subprocess_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "block_size" in bad.stderr
 

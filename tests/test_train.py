@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BPE, ROOT, TINY, subprocess_env
+from conftest import BPE, ROOT, TINY, free_port, subprocess_env
 from gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt.config import ConfigError
 from launch.train import TrainingError, check_world_size, get_lr, main, setup
@@ -286,7 +286,7 @@ def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp
     """torch.compile + DDP (a one-process gloo group): checkpoints keep plain keys, so export and resume work."""
     import torch.distributed as dist
 
-    port = socket_port()
+    port = free_port()
     for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                            LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
@@ -301,14 +301,6 @@ def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def socket_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mfu_peaks_match_whole_gpu_names_only():

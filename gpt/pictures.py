@@ -1,6 +1,8 @@
-"""Looking inside: attention weights by hand, attention maps and position similarity as pictures.
+"""Pictures of a model's insides: attention weights (computed by hand) as maps, position-embedding
+similarity, and how the fused qkv weight splits into heads. (The attention the model runs is in
+gpt/model.py.)
 
-    python -m gpt.attention RUN_OR_CHECKPOINT_DIR --text "ROMEO: ..." --out attn.png [--positions-out pos.png]
+    python -m gpt.pictures RUN_OR_CHECKPOINT_DIR --text "ROMEO: ..." --out attn.png [--positions-out pos.png]
 
 The model computes attention with a fused kernel that never materialises the weights. Here one
 head is computed the tutorial's way, from the model's own weights: project the LayerNorm'd input
@@ -57,8 +59,8 @@ def _label(c: str) -> str:
     return {"\n": "\\n", " ": "␣"}.get(c, c)
 
 
-def plot_attention(weights: torch.Tensor, text: str, out: str | Path, title: str = "") -> Path:
-    """A grid of heatmaps, one per (layer, head): rows are queries, columns keys, characters on the axes.
+def plot_attention(weights: torch.Tensor, text: str | list[str], out: str | Path, title: str = "") -> Path:
+    """A grid of heatmaps, one per (layer, head): rows are queries, columns keys, tokens on the axes.
     The masked future (above the diagonal) is hatched grey, apart from weights that are merely near zero."""
     import matplotlib
 
@@ -90,7 +92,7 @@ def plot_attention(weights: torch.Tensor, text: str, out: str | Path, title: str
             if layer == L - 1:
                 ax.set_xlabel("key (attends to)", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (grey: the future, masked)")
-    fig.suptitle(title or f"attention weights over {T} characters: each row (a query) spreads weight 1 over the "
+    fig.suptitle(title or f"attention weights over {T} tokens: each row (a query) spreads weight 1 over the "
                  "keys at or before it (brighter = more)", fontsize=12)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -153,10 +155,10 @@ def plot_qkv_split(attn: CausalSelfAttention, out: str | Path) -> Path:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gpt.attention",
+        prog="python -m gpt.pictures",
         description="Draw the attention weights of every layer and head over a text, and optionally the "
         "similarity of the learned position embeddings.",
-        epilog='Example: python -m gpt.attention runs/shakespeare_char_cpu --text "ROMEO: But soft" --out attn.png',
+        epilog='Example: python -m gpt.pictures runs/shakespeare_char_cpu --text "ROMEO: But soft" --out attn.png',
     )
     parser.add_argument("source", help="a run's out_dir or a checkpoint folder")
     parser.add_argument("--text", required=True, help="the text to attend over (at most block_size characters)")
@@ -164,23 +166,27 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--positions-out", default=None, help="also draw position-embedding similarity here")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from gpt.checkpoint import CheckpointError, load_checkpoint
+    from gpt.checkpoint import CheckpointError
+    from gpt.cli import run_command
 
-    try:
-        model, tokenizer, meta = load_checkpoint(args.source)
-        if not args.text or len(args.text) > model.config.block_size:
-            raise ValueError(f"--text must be 1 to {model.config.block_size} characters (the model's block_size)")
-        ids = torch.tensor([tokenizer.encode(args.text)])
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    weights = attention_weights(model, ids)
-    path = plot_attention(weights, args.text, args.out, f"attention weights at step {meta.get('step')}: "
-                                                        f"rows attend to columns (brighter = more)")
+    return run_command(lambda: draw(args.source, args.text, args.out, args.positions_out),
+                       (CheckpointError, ValueError))
+
+
+def draw(source: str, text: str, out: str, positions_out: str | None) -> None:
+    from gpt.checkpoint import load_checkpoint
+
+    model, tokenizer, meta = load_checkpoint(source)
+    ids = tokenizer.encode(text) if text else []
+    if not ids or len(ids) > model.config.block_size:
+        raise ValueError(f"--text must be 1 to {model.config.block_size} tokens (the model's block_size)")
+    weights = attention_weights(model, torch.tensor([ids]))
+    labels = text if len(text) == len(ids) else [tokenizer.decode([i]) for i in ids]
+    path = plot_attention(weights, labels, out, f"attention weights at step {meta.get('step')}: rows attend to "
+                                                "columns (brighter = more)")
     print(f"wrote {path}")
-    if args.positions_out:
-        print(f"wrote {plot_positions(model, args.positions_out)}")
-    return 0
+    if positions_out:
+        print(f"wrote {plot_positions(model, positions_out)}")
 
 
 if __name__ == "__main__":

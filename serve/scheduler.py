@@ -1,0 +1,163 @@
+"""The model loop: one thread owns the model and decodes every active sequence together.
+
+Between steps it admits waiting sequences (prefilled and spliced into the batch), retires finished
+or abandoned ones, and runs one onnxruntime call for all of them (continuous batching). Requests
+reach it through `submit`; their text comes back as `Event`s on each request's asyncio queue, and
+`None` on that queue means the loop has failed.
+
+Imports no torch.
+"""
+
+import asyncio
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from serve.runtime import Batch, Event, OnnxModel, Sequence
+
+
+@dataclass
+class Limits:
+    max_batch: int = 16  # sequences decoded together
+    max_queue: int = 64  # sequences waiting or running; beyond it requests get 429 at once
+    max_new_tokens: int = 1024  # the largest max_tokens a request may ask for
+    max_n: int = 8  # completions per prompt
+    max_prompts: int = 16  # prompts per request
+    max_prompt_tokens: int = 8192  # tokens per prompt (the model reads at most block_size of them)
+    max_body_bytes: int = 1 << 20  # counted as received, chunked or not
+    max_request_seconds: float = 300.0  # a request still running then ends with what it has
+    read_timeout: float = 15.0  # seconds a client has to send its request's headers, and then its body
+    max_connections: int = 512  # open connections; past it the longest-idle one is closed
+
+
+# A request whose sequences the model loop has not finished this long after its deadline gets a
+# 504: the loop ends overdue sequences itself, so this only fires if the loop is stuck.
+DEADLINE_GRACE_S = 30.0
+
+
+def log_error(message: str, exc: BaseException) -> str:
+    """Write an internal failure, with its traceback, to the server's log; return the id that the
+    client is given instead of the text (which may hold paths and internals)."""
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    print(f"[{error_id}] {message}", file=sys.stderr)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return error_id
+
+
+class QueueFull(Exception):
+    pass
+
+
+class SchedulerDown(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    """One HTTP request's sequences and the channel their text comes back on."""
+
+    sequences: list[Sequence]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    deadline: float = 0.0
+
+
+@dataclass
+class Ticket:
+    """What each sequence carries (as its `tag`): the request it belongs to and its place in the answer."""
+
+    request: Request
+    index: int
+
+
+class Scheduler:
+    """Owns the model: admits, steps and retires sequences in a thread of its own."""
+
+    def __init__(self, model: OnnxModel, limits: Limits):
+        self.model, self.limits = model, limits
+        self.batch = Batch(model)
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Condition()
+        self.active = 0  # sequences waiting or in the batch
+        self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self.stopping = False
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and self.error is None
+
+    def submit(self, request: Request) -> None:
+        # Health is checked under the lock that the failure path holds while it sets `error` and
+        # collects the requests to wake: a request is either refused here or woken there.
+        with self.lock:
+            if not self.healthy or self.stopping:
+                raise SchedulerDown(self.error or "the model loop is not running")
+            if self.active + len(request.sequences) > self.limits.max_queue:
+                raise QueueFull()
+            self.active += len(request.sequences)
+            self.waiting.extend(request.sequences)
+            self.lock.notify()
+
+    def _deliver(self, seq: Sequence, event: Event) -> None:
+        request = seq.tag.request
+        request.loop.call_soon_threadsafe(request.events.put_nowait, event)
+
+    def _run(self) -> None:
+        admit: list[Sequence] = []
+        try:
+            while True:
+                with self.lock:
+                    while not self.stopping and not self.waiting and not len(self.batch):
+                        self.lock.wait()
+                    if self.stopping:
+                        return
+                    room = self.limits.max_batch - len(self.batch)
+                    admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                now = time.monotonic()
+                # retire sequences whose client went away or whose time is up
+                dropped = [s for s in self.batch.sequences if s.tag.request.cancelled or now > s.tag.request.deadline]
+                for s in dropped:
+                    if not s.tag.request.cancelled:
+                        s.finish_reason = "length"
+                        self._deliver(s, Event(s, s.take_text(), True))
+                self.batch.remove(dropped)
+                gone = [s for s in admit if s.tag.request.cancelled]  # abandoned while waiting
+                self.batch.add([s for s in admit if not s.tag.request.cancelled])
+                released = len(dropped) + len(gone)
+                events = self.batch.emit() if len(self.batch) else []
+                finished = 0
+                for event in events:  # hand out the text before the next forward pass
+                    if event.text or event.finished:
+                        self._deliver(event.sequence, event)
+                    finished += event.finished
+                self.batch.advance()
+                with self.lock:
+                    self.active -= finished + released
+                    # sequences cancelled before they were admitted
+                    stale = [s for s in self.waiting if s.tag.request.cancelled]
+                    for s in stale:
+                        self.waiting.remove(s)
+                    self.active -= len(stale)
+        except Exception as e:  # /health turns 503 and requests get 500 with an id; the log has the rest
+            error_id = log_error(f"the model loop failed: {type(e).__name__}: {e}", e)
+            with self.lock:  # wake every request still waiting, so none hangs
+                self.error = error_id
+                pending = list(self.waiting) + admit + list(self.batch.sequences)
+                self.waiting.clear()
+            for request in {id(s.tag.request): s.tag.request for s in pending}.values():
+                request.loop.call_soon_threadsafe(request.events.put_nowait, None)
