@@ -87,12 +87,14 @@ def measure(args, threads: int, tmp: Path) -> None:
     greedy = SamplingParams(greedy=True)
 
     started = time.time()
-    manifest = export(ckpt, tmp / "export", int8=True, log=lambda s: None)
+    manifest = export(ckpt, tmp / "export", int8=True, int4=True, int8_weights=True, log=lambda s: None)
     export_s = time.time() - started
     fp32 = OnnxModel(tmp / "export", threads=threads)
     int8 = OnnxModel(tmp / "export", threads=threads, variant="int8")
-    fp32.warmup()
-    int8.warmup()
+    int4 = OnnxModel(tmp / "export", threads=threads, variant="int4")
+    int8w = OnnxModel(tmp / "export", threads=threads, variant="int8w")
+    for m in (fp32, int8, int4, int8w):
+        m.warmup()
 
     def ort(m, p):
         text = tokenizer.decode(p)
@@ -109,6 +111,9 @@ def measure(args, threads: int, tmp: Path) -> None:
                  time_stream(generate(model, long_prompt, 1, greedy))))
     rows.append(("ORT fp32, KV cache", time_stream(ort(fp32, prompt)), time_stream(ort(fp32, long_prompt))))
     rows.append(("ORT int8, KV cache", time_stream(ort(int8, prompt)), time_stream(ort(int8, long_prompt))))
+    rows.append(("ORT int4 weights, KV cache", time_stream(ort(int4, prompt)), time_stream(ort(int4, long_prompt))))
+    rows.append(("ORT int8 weights, KV cache", time_stream(ort(int8w, prompt)),
+                 time_stream(ort(int8w, long_prompt))))
 
     bound = bandwidth / weight_bytes
     print(f"machine: {machine()}; {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")

@@ -22,6 +22,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("export_dir", help="folder to write (must be new or empty, unless --force)")
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (dynamic int8 quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (fp16 weights, fp32 I/O)")
+    parser.add_argument("--int4", action="store_true",
+                        help="also write model.int4.onnx (4-bit weights through MatMulNBits, fp32 activations)")
+    parser.add_argument("--int8-weights", action="store_true",
+                        help="also write model.int8w.onnx (8-bit weights through MatMulNBits, fp32 activations)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
@@ -43,14 +47,16 @@ def run(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         if args.format == "hf":
-            if args.int8 or args.fp16:
-                raise ExportError("--int8 and --fp16 are ONNX variants: leave them out with --format hf")
+            if args.int8 or args.fp16 or args.int4 or args.int8_weights:
+                raise ExportError("--int8, --fp16, --int4 and --int8-weights are ONNX variants: leave them out with "
+                                  "--format hf")
             export_hf(args.source, args.export_dir, force=args.force, checkpoint=args.checkpoint)
             print(f"wrote {args.export_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
                   "export_report.json): load it with transformers' from_pretrained")
             return
-        manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, opset=args.opset,
-                          force=args.force, checkpoint=args.checkpoint)
+        manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, int4=args.int4,
+                          int8_weights=args.int8_weights, opset=args.opset, force=args.force,
+                          checkpoint=args.checkpoint)
         files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
         print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
 

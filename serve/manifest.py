@@ -4,6 +4,8 @@
         model.onnx           fp32 graph, weights inside
         model.int8.onnx      (--int8) dynamic int8 quantization
         model.fp16.onnx      (--fp16) fp16 weights and compute, fp32 inputs and outputs
+        model.int4.onnx      (--int4) 4-bit weights through MatMulNBits (block 32, accuracy level 4)
+        model.int8w.onnx     (--int8-weights) 8-bit weights through MatMulNBits, fp32 activations
         tokenizer.json       the tokenizer (a char vocabulary, or Hugging Face tokenizers' format for bpe)
         manifest.json        format and version, model config, the tokenizer's kind and sha256, input/output names and
                              shapes, opset, export options, source checkpoint sha256, parity results
@@ -19,7 +21,10 @@ from pathlib import Path
 FORMAT = "gpt-onnx"
 FORMAT_VERSION = 2  # 2: the tokenizer in tokenizer.json (1 carried a char vocabulary inline, and is still read)
 READABLE_VERSIONS = (1, 2)
-VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
+            "int4": "model.int4.onnx", "int8w": "model.int8w.onnx"}
+# the export flag that writes each variant
+VARIANT_FLAGS = {"int8": "--int8", "fp16": "--fp16", "int4": "--int4", "int8w": "--int8-weights"}
 DEFAULT_OPSET = 18
 
 
@@ -130,7 +135,7 @@ def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") ->
         raise ExportError(f"unknown model variant {variant!r}: use one of {', '.join(VARIANTS)}")
     name = manifest["files"].get(variant)
     if name is None:
-        flag = {"int8": " --int8", "fp16": " --fp16"}.get(variant, "")
+        flag = f" {VARIANT_FLAGS[variant]}" if variant in VARIANT_FLAGS else ""
         raise ExportError(f"{export_dir} has no {variant} model: export with `python -m export RUN_DIR DIR{flag}`")
     path = Path(export_dir) / name
     if path.resolve().parent != Path(export_dir).resolve():  # a link pointing elsewhere

@@ -331,3 +331,65 @@ def test_the_pytorch_reference_streams_the_same_whole_characters(bpe_export_dir,
     # a piece cut inside a character would show as an extra U+FFFD against decoding all bytes at once
     ids = [t for t in ort[-1].sequence.generated if t != tokenizer.eot_id]
     assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_weight_only_variants_through_matmulnbits(run_dir, tmp_path):
+    import onnx
+
+    out = tmp_path / "nbits"
+    proc = _export(run_dir, out, "--int4", "--int8-weights")
+    assert proc.returncode == 0, proc.stderr
+    manifest = read_manifest(out)
+    assert manifest["files"]["int4"] == "model.int4.onnx" and manifest["files"]["int8w"] == "model.int8w.onnx"
+    for variant, bound in (("int4", 0.05), ("int8w", 0.02)):
+        entry = manifest["quality"][variant]
+        assert entry["op"] == "MatMulNBits" and entry["block_size"] == 32 and entry["accuracy_level"] == 4
+        assert abs(entry["val_loss_change"]) < bound, entry
+        ops = {n.op_type for n in onnx.load(str(out / entry["file"])).graph.node}
+        assert "MatMulNBits" in ops
+        events = list(generate(OnnxModel(out, threads=1, variant=variant), "ROMEO:", 20, SamplingParams(greedy=True)))
+        assert len(events[-1].sequence.generated) == 20
+    served = _serve(out, "--prompt", "ROMEO:", "--max-new-tokens", "10", "--model", "int4")
+    assert served.returncode == 0 and "int4 on cpu" in served.stderr
+
+
+def test_int4_on_a_width_that_is_not_a_multiple_of_the_block_is_one_line(tmp_path):
+    import torch
+
+    from gpt.checkpoint import write_model_files
+    from gpt.config import ModelConfig, RunConfig
+    from gpt.model import GPT
+    from gpt.tokenizer import CharTokenizer
+
+    config = ModelConfig(block_size=16, embedding_dim=24, num_heads=4, num_layers=1, vocab_size=3)
+    torch.manual_seed(0)
+    run = RunConfig()
+    run.model = config
+    (tmp_path / "ckpt").mkdir()
+    write_model_files(tmp_path / "ckpt", GPT(config), CharTokenizer("abc"), {"step": 0}, run.to_dict())
+    proc = _export(tmp_path / "ckpt", tmp_path / "out", "--int4")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "embedding_dim is 24" in proc.stderr and "--int8" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_onnxruntime_genai_runs_the_export_folder_as_it_is(bpe_export_dir, export_dir):
+    og = pytest.importorskip("onnxruntime_genai")
+    assert read_manifest(export_dir)["genai"]["written"] is False  # a char model: no HF tokenizer for genai
+    assert read_manifest(bpe_export_dir)["genai"]["written"]
+    model = og.Model(str(bpe_export_dir))
+    tokenizer = og.Tokenizer(model)
+    runtime = OnnxModel(bpe_export_dir, threads=1)
+    prompt = "ROMEO: But soft, what light"
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    assert ids == runtime.tokenizer.encode(prompt)
+    n = runtime.block_size - len(ids)  # onnxruntime-genai stops at the context length; we would refill
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = list(generate(runtime, prompt, n, SamplingParams(greedy=True)))[-1].sequence.generated
+    assert len(ours) >= 1 and theirs[:len(ours)] == ours
