@@ -266,17 +266,18 @@ def _split_text(files, root, config, plan) -> Iterator[tuple[str, str | None]]:
     """(split, text chunk) for every chunk of every document, then (split, None) at each document's end."""
     for doc in documents(files, root, config.skip_bad_files):
         if plan["single"]:
-            seen = 0
+            seen, train_ended = 0, False
             for chunk in doc.text_chunks:
                 cut = min(max(plan["split_at"] - seen, 0), len(chunk))
                 if cut:
                     yield "train", chunk[:cut]
                 if cut < len(chunk):
-                    if seen + cut == plan["split_at"] and cut:
-                        yield "train", None  # the train part ends here: tokenize it on its own
+                    if not train_ended and plan["split_at"] > 0:
+                        yield "train", None  # the train part ends here (mid-chunk or at a chunk's start)
+                    train_ended = True
                     yield "val", chunk[cut:]
                 seen += len(chunk)
-            yield ("val" if plan["split_at"] < seen else "train"), None
+            yield ("val" if train_ended else "train"), None
         else:
             split = _split_of(doc.name, plan, config.val_fraction)
             for chunk in doc.text_chunks:

@@ -199,3 +199,16 @@ def test_prepare_command_line(tmp_path, text):
     proc = subprocess.run([sys.executable, "-m", "gpt.data", "prepare", str(ROOT / "configs" / "gpt2_small.yaml")],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "data.path is required" in proc.stderr
+
+
+def test_a_split_that_falls_on_a_chunk_boundary_loses_no_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt.corpus, "CHUNK_BYTES", 100)  # the file is read 100 bytes at a time
+    words = "the quick brown fox jumps over the lazy dog\nROMEO: and all the rest\n"
+    text = (words * 20)[:1000]
+    (tmp_path / "t.txt").write_text(text)
+    corpus = prepare(DataConfig(path=str(tmp_path / "t.txt"), tokenizer="bpe", vocab_size=300, val_fraction=0.3),
+                     progress=False)  # the split is at character 700, the end of the 7th chunk
+    eot = corpus.tokenizer.eot_id
+    train, val = corpus.train[:].tolist(), corpus.val[:].tolist()
+    assert train[-1] == eot and val[-1] == eot
+    assert corpus.tokenizer.decode(train[:-1]) == text[:700] and corpus.tokenizer.decode(val[:-1]) == text[700:]

@@ -80,8 +80,8 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path, fresh_accelera
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_lr_schedule():
-    config, _ = setup(str(TINY), ["--train.out_dir=unused", "--train.warmup_iters=10", "--train.max_iters=110",
+def test_lr_schedule(tmp_path):
+    config, _ = setup(str(TINY), [f"--train.out_dir={tmp_path}", "--train.warmup_iters=10", "--train.max_iters=110",
                                   "--train.learning_rate=1.0", "--train.min_lr=0.1"], resume=False)
     lrs = [get_lr(s, config) for s in range(120)]
     assert lrs[0] < lrs[5] < lrs[9] < 1.0  # warmup
