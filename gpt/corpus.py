@@ -231,6 +231,3 @@ class ShardedTokens:
             start = int(self.starts[k + 1])
             k += 1
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
-
-    def tolist(self) -> list[int]:
-        return self[:].tolist() if len(self) else []

@@ -230,7 +230,7 @@ def _scan(files: list[Path], root: Path, config: DataConfig) -> dict:
     skipped = Skipped()
     chars: set[str] = set()
     n_docs = n_chars = n_val = 0
-    lowest = highest = None
+    lowest = highest = None  # (hash, name) of the documents first and last in hash order
     for doc in documents(files, root, config.skip_bad_files, skipped):
         n_docs += 1
         for chunk in doc.text_chunks:
@@ -238,9 +238,8 @@ def _scan(files: list[Path], root: Path, config: DataConfig) -> dict:
             if config.tokenizer == "char":
                 chars.update(chunk)
         n_val += in_val(doc.name, config.val_fraction)
-        h = name_hash(doc.name)
-        lowest = doc.name if lowest is None or h < name_hash(lowest) else lowest
-        highest = doc.name if highest is None or h > name_hash(highest) else highest
+        key = (name_hash(doc.name), doc.name)
+        lowest, highest = min(lowest or key, key), max(highest or key, key)
     if n_docs == 0:
         raise DataError(f"{root} has no text to train on: {len(files)} file(s), skipped {skipped.summary()}")
     plan = {"documents": n_docs, "chars": n_chars, "chars_set": chars, "skipped": skipped,
@@ -248,9 +247,9 @@ def _scan(files: list[Path], root: Path, config: DataConfig) -> dict:
     if n_docs == 1:  # the tutorial's split: the tail of the one text
         plan["split_at"] = n_chars - int(n_chars * config.val_fraction)
     elif n_val == 0:  # every split needs a document
-        plan["force_val"] = lowest
+        plan["force_val"] = lowest[1]
     elif n_val == n_docs:
-        plan["force_train"] = highest
+        plan["force_train"] = highest[1]
     return plan
 
 
