@@ -26,6 +26,10 @@ def run(argv: list[str] | None = None) -> int:
                         help="also write model.int4.onnx (4-bit weights through MatMulNBits, fp32 activations)")
     parser.add_argument("--int8-weights", action="store_true",
                         help="also write model.int8w.onnx (8-bit weights through MatMulNBits, fp32 activations)")
+    parser.add_argument("--optimize", action="store_true",
+                        help="also write model.fused.onnx: onnxruntime's fused ops (GroupQueryAttention, "
+                        "SkipLayerNormalization, FastGelu) with a cache written in place, checked like model.onnx; "
+                        "each quantized variant then gets a fused twin (model.fused.int4.onnx, ...)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
@@ -47,15 +51,15 @@ def run(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         if args.format == "hf":
-            if args.int8 or args.fp16 or args.int4 or args.int8_weights:
-                raise ExportError("--int8, --fp16, --int4 and --int8-weights are ONNX variants: leave them out with "
-                                  "--format hf")
+            if args.int8 or args.fp16 or args.int4 or args.int8_weights or args.optimize:
+                raise ExportError("--int8, --fp16, --int4, --int8-weights and --optimize are ONNX variants: leave "
+                                  "them out with --format hf")
             export_hf(args.source, args.export_dir, force=args.force, checkpoint=args.checkpoint)
             print(f"wrote {args.export_dir} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
                   "export_report.json): load it with transformers' from_pretrained")
             return
         manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, int4=args.int4,
-                          int8_weights=args.int8_weights, opset=args.opset, force=args.force,
+                          int8_weights=args.int8_weights, optimize=args.optimize, opset=args.opset, force=args.force,
                           checkpoint=args.checkpoint)
         files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
         print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")

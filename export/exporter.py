@@ -2,7 +2,8 @@
 
     export()   load the checkpoint → trace one graph for prefill and decode → onnx checker →
                parity against PyTorch on a grid of shapes → 200 greedy tokens identical →
-               optional int8 / fp16 variants with their validation-loss change → manifest.json
+               (--optimize) the fused graph from the same weights, through the same two gates →
+               optional int8 / int4 / fp16 variants with their validation-loss change → manifest.json
 
 The graph has no `If` node: a zero-length past is the prefill case. The folder is built under a
 temporary name, flushed to disk and renamed at the end, so a failed export leaves nothing behind.
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from export.fused import FUSED_OPS, build_fused, fold_matmul_bias
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.data import sha256_file
 from gpt.files import publish_folder
@@ -169,6 +171,7 @@ def check_graph(path: Path) -> dict:
         "inputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.input],
         "outputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.output],
         "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items())),
     }
 
 
@@ -201,6 +204,52 @@ def parity_grid(model: GPT, runtime: OnnxModel) -> dict:
                 f"{' (TF32 on)' if torch.backends.cuda.matmul.allow_tf32 and next(model.parameters()).is_cuda else ''}")
     return {"cases": len(cases), "compared": compared, "max_rel_logit_error": worst, "tolerance": FP32_TOLERANCE,
             "passed": worst <= FP32_TOLERANCE, "grid": cases}
+
+
+# GroupQueryAttention runs a prompt (no past) in a batch, one token after a past in a batch (rows may
+# hold different numbers of tokens), and a chunk after a past for batch 1 only.
+SHARED_GRID = [(b, p, t, ragged) for b, p, t, ragged in PARITY_GRID
+               if (p == 0 and not ragged) or t == 1 or (b == 1 and not ragged)]
+
+
+def shared_parity_grid(model: GPT, runtime: OnnxModel) -> dict:
+    """The fused graph against PyTorch over batch 1-3, past 0/1/5, sequence 1/4 (SHARED_GRID), with
+    every row holding the same number of cached tokens or different numbers (right padding, as its
+    batches run): logits, and the cache the graph wrote in place."""
+    c = model.config
+    worst, cases = 0.0, []
+    for batch, past, seq, ragged in SHARED_GRID:
+        pasts = [past + (2 * r if ragged else 0) for r in range(batch)]
+        g = torch.Generator().manual_seed(len(cases))
+        ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+        host = [np.zeros((batch, c.num_heads, max(pasts), c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
+        width = max(pasts) + seq
+        mask, positions = np.zeros((batch, width), np.int64), np.zeros((batch, seq), np.int64)
+        refs = []
+        for r, p in enumerate(pasts):
+            cache = [(torch.randn(1, c.num_heads, p, c.head_dim, generator=g),
+                      torch.randn(1, c.num_heads, p, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+            for j, t in enumerate(t for kv in cache for t in kv):
+                host[j][r, :, :p] = t[0].numpy()
+            mask[r, :p + seq] = 1
+            positions[r] = np.arange(p, p + seq)
+            with torch.no_grad():
+                refs.append(model(ids[r:r + 1], past=cache, use_cache=True))
+        logits, view = runtime.run(ids.numpy(), mask, positions, runtime.to_device(host))
+        written = runtime.to_host(view)
+        err = present_err = 0.0
+        for r, (p, ref) in enumerate(zip(pasts, refs)):
+            err = max(err, float(np.abs(logits[r] - ref.logits[0].numpy()).max()) / float(ref.logits.abs().max()))
+            for a, t in zip(written, [t for kv in ref.present for t in kv]):
+                present_err = max(present_err, float(np.abs(a[r, :, :p + seq] - t[0].numpy()).max()))
+        worst = max(worst, err)
+        cases.append({"batch": batch, "past": past, "sequence": seq, "ragged": ragged,
+                      "max_rel_logit_error": err, "max_abs_cache_error": present_err})
+    compared = f"fp32: onnxruntime {runtime.session.get_providers()[0]} (TF32 {'on' if runtime.tf32 else 'off'}) " \
+               f"vs PyTorch on {next(model.parameters()).device.type}"
+    passed = worst <= FP32_TOLERANCE and max(c["max_abs_cache_error"] for c in cases) <= FP32_TOLERANCE * 10
+    return {"cases": len(cases), "compared": compared, "max_rel_logit_error": worst, "tolerance": FP32_TOLERANCE,
+            "passed": passed, "grid": cases}
 
 
 def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
@@ -250,6 +299,7 @@ def validation_windows(checkpoint: Path, block_size: int, count: int) -> tuple[n
 def quantize_int8(src: Path, dst: Path) -> None:
     """onnxruntime's dynamic int8 quantization (weights int8, activations quantized per call), after
     its recommended pre-processing (shape inference and graph optimisation)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -259,8 +309,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
         warnings.simplefilter("ignore")
         logging.getLogger().setLevel(logging.ERROR)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        # DefaultTensorType: onnx's shape inference cannot type the outputs of com.microsoft ops (fused graph)
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"])
+                         op_types_to_quantize=["MatMul", "Gemm"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     pre.unlink()
 
 
@@ -365,12 +417,14 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str
 
 
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
-           int4: bool = False, int8_weights: bool = False, opset: int = DEFAULT_OPSET, force: bool = False,
-           eval_windows: int = 32, checkpoint: str = "best", log: Callable[[str], None] = print) -> dict:
+           int4: bool = False, int8_weights: bool = False, optimize: bool = False, opset: int = DEFAULT_OPSET,
+           force: bool = False, eval_windows: int = 32, checkpoint: str = "best",
+           log: Callable[[str], None] = print) -> dict:
     """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest.
 
     The steps: trace the graph and check it, write the manifest and tokenizer, verify against PyTorch,
-    add the quantized variants with their quality, publish the folder."""
+    (optimize) write the fused graph and verify it the same way, add the quantized variants with their
+    quality (each also from the fused graph when optimizing), publish the folder."""
     export_dir = Path(export_dir)
     folder = resolve_checkpoint(source, checkpoint)
     check_destination(export_dir, folder, force)
@@ -385,13 +439,16 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
         log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
         manifest = _describe(model, tokenizer, meta, folder, checkpoint, graph, exporter,
                              {"int8": int8, "fp16": fp16, "int4": int4, "int8_weights": int8_weights,
-                              "opset": opset})
+                              "optimize": optimize, "opset": opset})
         tokenizer.save(tmp / "tokenizer.json")
-        manifest["genai"] = _write_genai_config(tmp, manifest, tokenizer)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         runtime = _verify(model, tmp, manifest, log)
+        if optimize:
+            _add_fused(model, tmp, manifest, log)
+        manifest["genai"] = _write_genai_config(tmp, manifest, tokenizer)
         wanted = (("int8", int8), ("fp16", fp16), ("int4", int4), ("int8w", int8_weights))
         variants = [v for v, flag in wanted if flag]
+        variants += [f"fused-{v}" for v in variants] if optimize else []
         if variants:
             manifest["quality"] = _add_variants(model, runtime, tmp, manifest, folder, variants, eval_windows, log)
         manifest["export_seconds"] = round(time.time() - started, 1)
@@ -427,6 +484,7 @@ def _describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph
                       "eot_id": tokenizer.eot_id},
         "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
         "files": {"fp32": VARIANTS["fp32"]},
+        "graphs": {"fp32": {"cache": "concat", "cache_dtype": "float32", "nodes": graph["nodes"], "ops": graph["ops"]}},
         "export_options": {**options, "exporter": exporter, "torch": torch.__version__},
         "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
                    "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
@@ -434,21 +492,19 @@ def _describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph
     }
 
 
-def _write_genai_config(folder: Path, manifest: dict, tokenizer) -> dict:
-    """genai_config.json (and the tokenizer_config.json it reads beside tokenizer.json), so that
-    onnxruntime_genai.Model(EXPORT_DIR) runs the portable fp32 graph as it is: model type `decoder`,
-    the Optimum input and output names, past and present in separate buffers. onnxruntime-genai reads
-    Hugging Face tokenizers, so a char model gets none."""
-    if tokenizer.kind != "bpe":
-        return {"written": False, "note": "onnxruntime-genai needs a Hugging Face tokenizer: export a bpe model"}
-    c, eot = manifest["model"], tokenizer.eot_id
+def genai_config(manifest: dict, variant: str, eot_id: int | None) -> dict:
+    """onnxruntime-genai's config for one model file of an export folder: model type `decoder`, the
+    Optimum input and output names; a shared-cache (fused) graph gets past and present in one buffer,
+    which GroupQueryAttention writes in place."""
+    c = manifest["model"]
+    shared = manifest.get("graphs", {}).get(variant, {}).get("cache") == "shared"
     names = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
-    config = {
+    return {
         "model": {
             "type": "decoder", "vocab_size": c["vocab_size"], "context_length": c["block_size"],
-            "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id,
             "decoder": {
-                "filename": VARIANTS["fp32"],
+                "filename": manifest["files"][variant],
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "hidden_size": c["embedding_dim"], "head_size": c["embedding_dim"] // c["num_heads"],
                 "num_attention_heads": c["num_heads"], "num_key_value_heads": c["num_heads"],
@@ -460,16 +516,28 @@ def _write_genai_config(folder: Path, manifest: dict, tokenizer) -> dict:
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": c["block_size"],
-                   "min_length": 0, "past_present_share_buffer": False, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "min_length": 0, "past_present_share_buffer": shared, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
+
+
+def _write_genai_config(folder: Path, manifest: dict, tokenizer) -> dict:
+    """genai_config.json (and the tokenizer_config.json it reads beside tokenizer.json), so that
+    onnxruntime_genai.Model(EXPORT_DIR) runs the export as it is: the fused fp32 graph when there is
+    one, else the portable graph. onnxruntime-genai reads Hugging Face tokenizers, so a char model gets
+    none."""
+    if tokenizer.kind != "bpe":
+        return {"written": False, "note": "onnxruntime-genai needs a Hugging Face tokenizer: export a bpe model"}
+    eot = tokenizer.eot_id
+    variant = "fused" if "fused" in manifest["files"] else "fp32"
+    config = genai_config(manifest, variant, eot)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2TokenizerFast", "add_prefix_space": False, **special}, indent=2))
     return {"written": True, "files": ["genai_config.json", "tokenizer_config.json", "tokenizer.json"],
-            "model": VARIANTS["fp32"]}
+            "model": VARIANTS[variant], "past_present_share_buffer": config["search"]["past_present_share_buffer"]}
 
 
 def _verify(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> OnnxModel:
@@ -489,6 +557,35 @@ def _verify(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -
     return runtime
 
 
+def _add_fused(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
+    """Write the fused graph (export/fused.py) and hold it to the portable graph's gates: the parity grid
+    (with ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
+    path = tmp / VARIANTS["fused"]
+    build_fused(model, path, opset=manifest["opset"])
+    graph = check_graph(path)
+    manifest["files"]["fused"] = VARIANTS["fused"]
+    manifest["graphs"]["fused"] = {"cache": "shared", "cache_dtype": "float32", "nodes": graph["nodes"],
+                                   "ops": graph["ops"]}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        runtime = OnnxModel(tmp, variant="fused")
+        parity, greedy = shared_parity_grid(model, runtime), greedy_parity(model, runtime)
+    except Exception as e:  # onnxruntime refusing the graph is a failed gate too, reported in one line
+        raise ExportError(f"onnxruntime could not run the fused graph ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); export without "
+                          "--optimize") from None
+    manifest["parity"]["fused"], manifest["parity"]["fused_greedy"] = parity, greedy
+    fused = ", ".join(f"{graph['ops'].get(op, 0)} {op}" for op in FUSED_OPS)
+    log(f"fused graph: {graph['nodes']} nodes ({fused}); parity: {parity['cases']} cases, max |Δlogits|/scale "
+        f"{parity['max_rel_logit_error']:.2e}; greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
+    if not parity["passed"]:
+        raise ExportError(f"the fused graph and PyTorch disagree: max |Δlogits|/scale "
+                          f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; export without --optimize")
+    if not greedy["identical"]:
+        raise ExportError(f"the fused graph's greedy decoding differs from PyTorch at token "
+                          f"{greedy['first_difference']} of {greedy['tokens']}; export without --optimize")
+
+
 def _add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, folder: Path, variants: list[str],
                   eval_windows: int, log: Callable[[str], None]) -> dict:
     """Write each quantized variant, check its logits are finite, and measure its validation-loss change."""
@@ -498,16 +595,27 @@ def _add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, fol
     makers = {"int8": quantize_int8, "fp16": convert_fp16, "int4": functools.partial(quantize_nbits, bits=4),
               "int8w": functools.partial(quantize_nbits, bits=8)}
     for variant in variants:
-        makers[variant](tmp / VARIANTS["fp32"], tmp / VARIANTS[variant])
-        check_graph(tmp / VARIANTS[variant])
+        fused = variant.startswith("fused-")
+        kind = variant.removeprefix("fused-")
+        source, target = tmp / VARIANTS["fused" if fused else "fp32"], tmp / VARIANTS[variant]
+        if fused and kind == "fp16":  # written directly: GroupQueryAttention's cache must be fp16 too
+            build_fused(model, target, opset=manifest["opset"], dtype="float16")
+        else:
+            makers[kind](source, target)
+            if fused and kind in ("int4", "int8w"):
+                fold_matmul_bias(target)
+        graph = check_graph(target)
         manifest["files"][variant] = VARIANTS[variant]
+        manifest["graphs"][variant] = {"cache": "shared" if fused else "concat",
+                                       "cache_dtype": "float16" if fused and kind == "fp16" else "float32",
+                                       "nodes": graph["nodes"], "ops": graph["ops"]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         quantized = OnnxModel(tmp, variant=variant)
         probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]], quantized.empty_cache(2))[0]
         if not np.isfinite(probe).all():
             raise ExportError(f"the {variant} model produces NaN/inf logits; export without {VARIANT_FLAGS[variant]}")
         entry = {"file": VARIANTS[variant]}
-        if variant in ("int4", "int8w"):
+        if kind in ("int4", "int8w"):
             entry |= {"op": "MatMulNBits", "block_size": NBITS_BLOCK, "accuracy_level": NBITS_ACCURACY}
         if windows is None:
             entry |= {"val_loss": None, "note": why}

@@ -35,7 +35,9 @@ def run(argv: list[str] | None = None) -> int:
                         help="on CUDA, let fp32 matmuls use TF32 (faster on Ampere and newer; logits then differ "
                         "from the verified fp32 ones by about 1e-3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    parser.add_argument("--model", choices=list(VARIANTS), default="fp32", help="which exported model")
+    parser.add_argument("--model", choices=["auto", *VARIANTS], default="auto",
+                        help="which exported model (default auto: the fused graph if the folder has one, fp16 on "
+                        "cuda; else model.onnx)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from gpt.cli import run_command

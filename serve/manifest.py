@@ -6,9 +6,17 @@
         model.fp16.onnx      (--fp16) fp16 weights and compute, fp32 inputs and outputs
         model.int4.onnx      (--int4) 4-bit weights through MatMulNBits (block 32, accuracy level 4)
         model.int8w.onnx     (--int8-weights) 8-bit weights through MatMulNBits, fp32 activations
+        model.fused.onnx     (--optimize) the fused graph: onnxruntime's com.microsoft ops (GroupQueryAttention,
+                             SkipLayerNormalization, FastGelu) and a cache written in place (export/fused.py);
+                             with --optimize, each of the variants above also gets a fused twin,
+                             model.fused.int8.onnx, model.fused.int4.onnx, model.fused.int8w.onnx and
+                             model.fused.fp16.onnx (fp16 cache, for CUDA)
+        genai_config.json    (bpe models) onnxruntime-genai's config for the fused graph if there is one, else the
+                             portable one; tokenizer_config.json beside it
         tokenizer.json       the tokenizer (a char vocabulary, or Hugging Face tokenizers' format for bpe)
         manifest.json        format and version, model config, the tokenizer's kind and sha256, input/output names and
-                             shapes, opset, export options, source checkpoint sha256, parity results
+                             shapes, opset, export options, source checkpoint sha256, parity results, and for each
+                             model file its graph: ops used and the kind of cache ("concat" or "shared")
 
 Imports no torch: serving reads it.
 """
@@ -22,9 +30,15 @@ FORMAT = "gpt-onnx"
 FORMAT_VERSION = 2  # 2: the tokenizer in tokenizer.json (1 carried a char vocabulary inline, and is still read)
 READABLE_VERSIONS = (1, 2)
 VARIANTS = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
-            "int4": "model.int4.onnx", "int8w": "model.int8w.onnx"}
-# the export flag that writes each variant
-VARIANT_FLAGS = {"int8": "--int8", "fp16": "--fp16", "int4": "--int4", "int8w": "--int8-weights"}
+            "int4": "model.int4.onnx", "int8w": "model.int8w.onnx",
+            "fused": "model.fused.onnx", "fused-int8": "model.fused.int8.onnx", "fused-fp16": "model.fused.fp16.onnx",
+            "fused-int4": "model.fused.int4.onnx", "fused-int8w": "model.fused.int8w.onnx"}
+# the export flags that write each variant
+VARIANT_FLAGS = {"int8": "--int8", "fp16": "--fp16", "int4": "--int4", "int8w": "--int8-weights",
+                 "fused": "--optimize", "fused-int8": "--optimize --int8", "fused-fp16": "--optimize --fp16",
+                 "fused-int4": "--optimize --int4", "fused-int8w": "--optimize --int8-weights"}
+CACHE_KINDS = ("concat", "shared")
+CACHE_DTYPES = ("float32", "float16")
 DEFAULT_OPSET = 18
 
 
@@ -95,6 +109,14 @@ def _check_contents(path: Path, manifest: dict) -> None:
         if name != Path(name).name or name in ("", ".", "..") or "\\" in name or name.startswith("."):
             raise ExportError(f"{bad}: the {variant} model file {name!r} is not a plain file name inside the "
                               "export folder; export again")
+    graphs = manifest.get("graphs", {})
+    if not isinstance(graphs, dict) or not all(
+            isinstance(g, dict) and g.get("cache", "concat") in CACHE_KINDS and
+            g.get("cache_dtype", "float32") in CACHE_DTYPES for g in graphs.values()):
+        raise ExportError(f"{bad}: 'graphs' must describe each model file's cache as one of "
+                          f"{', '.join(CACHE_KINDS)}; export again")
+    if any(v.startswith("fused") and graphs.get(v, {}).get("cache") != "shared" for v in files):
+        raise ExportError(f"{bad}: a fused model file has no 'graphs' entry saying its cache is shared; export again")
     try:
         config = model_config_from_dict(manifest["model"] if isinstance(manifest["model"], dict) else {})
         tokenizer = manifest_tokenizer(path.parent, manifest)

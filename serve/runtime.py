@@ -4,17 +4,27 @@
 of one step is `past_key_values` of the next) stays where the model runs, on the GPU with CUDA,
 and only the last logits come back to the host.
 
-`Batch` decodes many sequences in one call per step. Sequences are left-padded: the attention
-mask marks real tokens, and each sequence's positions count its own real tokens, so a sequence
-gets the same logits in a batch as alone. Sequences join (prefilled, then spliced in), leave
-(finished) and refill their window past `block_size` (the `gpt.sampling.refill_context` policy of
-the PyTorch reference) between steps. The server's continuous batching is this class.
+`Batch(model)` decodes many sequences in one call per step; the server's continuous batching is
+this. Sequences join, leave (finished) and refill their window past `block_size` (the
+`gpt.sampling.refill_context` policy of the PyTorch reference) between steps. Two kinds, one per
+kind of graph:
+
+- `SlotBatch`, for the fused graph (`cache: shared` in the manifest): the cache is allocated once,
+  one slot of `block_size` positions per sequence, and bound as both past and present, so the
+  attention op writes each new key and value in place. A sequence joins by prefilling alone into
+  a free slot and leaves by freeing it: nothing is copied, on the host or on the device.
+- `PaddedBatch`, for the portable graph (`cache: concat`): the graph returns a longer cache each
+  step. Sequences are left-padded: the attention mask marks real tokens, and each sequence's
+  positions count its own real tokens. Joining and leaving rebuild the cache through the host.
+
+Either way a sequence gets the same logits in a batch as alone.
 
 Imports no torch.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,15 +51,26 @@ class OnnxModel:
         ort = _ort()
         self.export_dir = Path(export_dir)
         self.manifest = read_manifest(export_dir)
+        if variant == "auto":
+            variant = auto_variant(self.manifest, device)
         self.tokenizer = manifest_tokenizer(export_dir, self.manifest)
         config = self.manifest["model"]
         self.num_layers, self.num_heads = config["num_layers"], config["num_heads"]
         self.head_dim = config["embedding_dim"] // config["num_heads"]
         self.block_size, self.vocab_size = config["block_size"], config["vocab_size"]
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
+        # "shared": one preallocated buffer is both past and present (the fused graph); "concat": the
+        # graph returns a new, longer cache every call (the portable graph)
+        graph = self.manifest.get("graphs", {}).get(variant, {})
+        self.shared_cache = graph.get("cache") == "shared"
+        self.cache_dtype = np.dtype(np.float16 if graph.get("cache_dtype") == "float16" else np.float32)
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
         if device not in ("cpu", "cuda"):
             raise DeviceError(f"device {device!r} is unknown: use cpu or cuda")
+        if device == "cuda" and self.shared_cache and self.cache_dtype != np.float16:
+            raise DeviceError(f"the {variant} graph's GroupQueryAttention has no fp32 CUDA kernel: on cuda use the "
+                              "fp16 fused graph (--model fused-fp16, written by `python -m export RUN_DIR DIR "
+                              "--optimize --fp16`) or the portable one (--model fp32)")
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise DeviceError(
                 "device cuda needs onnxruntime-gpu, and this onnxruntime has only "
@@ -95,38 +116,115 @@ class OnnxModel:
     def warmup(self) -> None:
         """A short batched generation through every code path (prefill, splice, decode, sampling),
         so the first real request does not pay for initialisation."""
-        batch = Batch(self)
+        batch = Batch(self, slots=2)
         batch.add([Sequence([0, 0], 3, SamplingParams(temperature=1.0)), Sequence([0], 3, SamplingParams(greedy=True))])
         while len(batch):
             batch.step()
 
-    # cache helpers: the cache is a list of 2 * num_layers OrtValues, each (B, H, P, D)
-    def to_device(self, arrays: Iterable[np.ndarray]) -> list[Any]:
+    # Cache helpers. A "concat" graph's cache is a list of 2 * num_layers OrtValues, each (B, H, P, D);
+    # a "shared" graph's is a CacheView: B slots of preallocated (H, block_size, D) buffers.
+    def to_device(self, arrays: Iterable[np.ndarray]) -> Any:
+        arrays = list(arrays)
+        if self.shared_cache:  # (B, H, P, D) into the first P positions of fresh slots
+            buffers = CacheBuffers(self, arrays[0].shape[0] if arrays else 0, host=arrays)
+            return buffers.view(0, buffers.slots)
         ort = _ort()
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays]
 
-    def to_host(self, cache: list[Any]) -> list[np.ndarray]:
+    def to_host(self, cache: Any) -> list[np.ndarray]:
+        if isinstance(cache, CacheView):
+            return cache.host()
         return [v.numpy() for v in cache]
 
-    def empty_cache(self, batch: int) -> list[Any]:
+    def empty_cache(self, batch: int) -> Any:
+        if self.shared_cache:
+            return CacheBuffers(self, batch).view(0, batch)
         shape = (batch, self.num_heads, 0, self.head_dim)
         return self.to_device(np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers))
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        """One forward: logits (B, T, V) on the host, the extended cache on the device."""
+            past: Any) -> tuple[np.ndarray, Any]:
+        """One forward: logits (B, T, V) on the host, and the cache on the device.
+
+        A concat graph returns a new, extended cache. A shared-cache graph writes the new keys and
+        values into `past` (a CacheView) in place and returns it; its attention_mask is right-padded
+        (row b has a 1 for each of its cached and new tokens, then 0s)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        if self.shared_cache:
+            shape = [past.count, self.num_heads, self.block_size, self.head_dim]
+            for name_in, name_out, pointer in zip(self.input_names[3:], self.output_names[1:], past.pointers()):
+                binding.bind_input(name_in, self.device, 0, self.cache_dtype, shape, pointer)
+                binding.bind_output(name_out, self.device, 0, self.cache_dtype, shape, pointer)
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy(), past
         for name, value in zip(self.input_names[3:], past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
         for name in self.output_names[1:]:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])
+
+
+class CacheBuffers:
+    """The preallocated cache of a shared-cache graph: 2 * num_layers buffers of (slots, H, block_size, D)
+    on the model's device. Slot s of every buffer holds one sequence's keys or values."""
+
+    def __init__(self, model: OnnxModel, slots: int, host: list[np.ndarray] | None = None):
+        self.model, self.slots = model, slots
+        shape = (slots, model.num_heads, model.block_size, model.head_dim)
+        arrays = [np.zeros(shape, model.cache_dtype) for _ in range(2 * model.num_layers)]
+        for a, h in zip(arrays, host or []):
+            a[:, :, :h.shape[2]] = h
+        if model.device == "cpu":  # numpy memory, bound by address: the graph writes into these arrays
+            self.arrays, self._pointers = arrays, [a.ctypes.data for a in arrays]
+        else:
+            ort = _ort()
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a, model.device, 0) for a in arrays]
+            self._pointers = [v.data_ptr() for v in self.values]
+        self.slot_bytes = int(np.prod(shape[1:])) * model.cache_dtype.itemsize
+
+    def view(self, start: int, count: int) -> CacheView:
+        return CacheView(self, start, count)
+
+    def host(self) -> list[np.ndarray]:
+        """A copy of every buffer on the host (tests and checks; decoding never calls this)."""
+        if self.model.device == "cpu":
+            return [a.copy() for a in self.arrays]
+        return [v.numpy() for v in self.values]
+
+    def grown(self, slots: int) -> CacheBuffers:
+        """Buffers with more slots holding these slots' contents (a rare, whole-cache copy)."""
+        return CacheBuffers(self.model, slots, host=[np.pad(a, ((0, slots - self.slots), (0, 0), (0, 0), (0, 0)))
+                                                     for a in self.host()])
+
+
+@dataclass
+class CacheView:
+    """Slots [start, start + count) of CacheBuffers: what one call binds as past and present."""
+
+    buffers: CacheBuffers
+    start: int
+    count: int
+
+    def pointers(self) -> list[int]:
+        offset = self.start * self.buffers.slot_bytes
+        return [p + offset for p in self.buffers._pointers]
+
+    def host(self) -> list[np.ndarray]:
+        return [a[self.start:self.start + self.count] for a in self.buffers.host()]
+
+
+def auto_variant(manifest: dict, device: str) -> str:
+    """The exact (unquantized) model that runs fastest on `device` among those the folder holds: the
+    fused graph (fp16 on cuda, where its attention op needs it), else the portable fp32 one."""
+    files = manifest["files"]
+    fused = "fused-fp16" if device == "cuda" else "fused"
+    return fused if fused in files else "fp32"
 
 
 def validate_request(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, limit: int,
@@ -191,18 +289,77 @@ class Event:
     finished: bool
 
 
-class Batch:
-    """Sequences decoded together, one onnxruntime call per step."""
+def Batch(model: OnnxModel, slots: int | None = None) -> PaddedBatch | SlotBatch:
+    """The batch for this model's graph: slots in a preallocated cache for the fused graph, a padded,
+    rebuilt cache for the portable one. `slots`: how many sequences at most (a SlotBatch grows past it)."""
+    return SlotBatch(model, slots or 1) if model.shared_cache else PaddedBatch(model)
+
+
+class _Batch:
+    """Sequences decoded together, one onnxruntime call per step: what both kinds share."""
 
     def __init__(self, model: OnnxModel):
         self.model = model
         self.sequences: list[Sequence] = []
-        self.cache: list[Any] | None = None  # on the device, (B, H, W, D)
-        self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, W): 1 where the cache holds a real token
-        self.logits = np.zeros((0, model.vocab_size), dtype=np.float32)  # (B, V): next-token logits
+        self.logits = np.zeros((0, model.vocab_size), dtype=np.float32)  # (B, V): next-token logits, in order
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def add(self, sequences: list[Sequence]) -> None:
+        raise NotImplementedError
+
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        raise NotImplementedError
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    # A step is emit() then advance(). Between them every remaining sequence has a sampled token
+    # waiting to be fed; outside them every sequence has its next-token logits ready, and only then
+    # may sequences be added or removed. Callers hand out emit()'s text before advance() runs the
+    # model, so a token reaches its reader without waiting for the next forward pass.
+
+    def step(self) -> list[Event]:
+        """Sample one token for every sequence, retire the finished ones, and run the model once."""
+        events = self.emit()
+        self.advance()
+        return events
+
+    def emit(self) -> list[Event]:
+        """Sample one token for every sequence and retire the finished ones."""
+        events, finished = [], []
+        tokenizer = self.model.tokenizer
+        for i, s in enumerate(self.sequences):
+            token = sample(self.logits[i], s.params, s.rng)
+            if s.decoder is None:
+                s.decoder = tokenizer.stream()
+            if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
+                s.generated.append(token)
+                s.finish_reason = "stop"
+            else:
+                s.accept(token, s.decoder.feed(token))
+            if s.finish_reason == "length":
+                s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
+            events.append(Event(s, s.take_text(), s.finish_reason is not None))
+            if s.finish_reason:
+                finished.append(s)
+            else:
+                s.context.append(token)
+        self.remove(finished)
+        return events
+
+
+class PaddedBatch(_Batch):
+    """The portable graph's batch: left-padded rows, a cache that the graph extends by Concat and that
+    joining and leaving rebuild through the host."""
+
+    def __init__(self, model: OnnxModel):
+        super().__init__(model)
+        self.cache: list[Any] | None = None  # on the device, (B, H, W, D)
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, W): 1 where the cache holds a real token
 
     # --- building the batch ----------------------------------------------------------------------
 
@@ -271,42 +428,6 @@ class Batch:
         self.logits = self.logits[keep]
         self._set_state(host, self.mask[keep])
 
-    # --- decoding --------------------------------------------------------------------------------
-
-    # A step is emit() then advance(). Between them every remaining sequence has a sampled token
-    # waiting to be fed; outside them every sequence has its next-token logits ready, and only then
-    # may sequences be added or removed. Callers hand out emit()'s text before advance() runs the
-    # model, so a token reaches its reader without waiting for the next forward pass.
-
-    def step(self) -> list[Event]:
-        """Sample one token for every sequence, retire the finished ones, and run the model once."""
-        events = self.emit()
-        self.advance()
-        return events
-
-    def emit(self) -> list[Event]:
-        """Sample one token for every sequence and retire the finished ones."""
-        events, finished = [], []
-        tokenizer = self.model.tokenizer
-        for i, s in enumerate(self.sequences):
-            token = sample(self.logits[i], s.params, s.rng)
-            if s.decoder is None:
-                s.decoder = tokenizer.stream()
-            if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
-                s.generated.append(token)
-                s.finish_reason = "stop"
-            else:
-                s.accept(token, s.decoder.feed(token))
-            if s.finish_reason == "length":
-                s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
-            events.append(Event(s, s.take_text(), s.finish_reason is not None))
-            if s.finish_reason:
-                finished.append(s)
-            else:
-                s.context.append(token)
-        self.remove(finished)
-        return events
-
     def advance(self) -> None:
         """Feed every sequence its sampled token: one model call for the whole batch."""
         if not self.sequences:
@@ -336,6 +457,87 @@ class Batch:
         self.mask, self.logits = mask, logits[:, -1]
 
 
+class SlotBatch(_Batch):
+    """The fused graph's batch: each sequence owns a slot of a cache allocated once, which the graph
+    writes in place.
+
+    Joining prefills the sequence alone into the lowest free slot; leaving frees its slot; a refill
+    past block_size prefills the shortened context into the same slot. A step runs slots [0, n), n
+    one past the highest slot in use: a free slot among them decodes a dummy token at its position 0,
+    which nothing reads. Rows are right-padded: row s of the mask has a 1 for each token slot s
+    caches, and one for the token fed now.
+    """
+
+    def __init__(self, model: OnnxModel, slots: int):
+        super().__init__(model)
+        self.buffers = CacheBuffers(model, max(1, slots))
+        self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
+        self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
+        self.length = np.zeros(self.buffers.slots, np.int64)  # tokens cached in each slot
+
+    def _take_slot(self) -> int:
+        if not self.free:  # more sequences than slots: double the buffers (one copy, not per step)
+            old = self.buffers.slots
+            self.buffers = self.buffers.grown(2 * old)
+            self.free = list(range(old, 2 * old))
+            self.length = np.concatenate([self.length, np.zeros(old, np.int64)])
+        return self.free.pop(0)
+
+    def _prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """Run `ids` alone into an empty slot, which then caches them; the last position's logits (V,)."""
+        self.length[slot] = len(ids)
+        if not ids:
+            return np.zeros(self.model.vocab_size, np.float32)
+        n = len(ids)
+        logits, _ = self.model.run(np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None],
+                                   self.buffers.view(slot, 1))
+        return logits[0, -1]
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill each new sequence alone into a free slot."""
+        rows = []
+        for s in sequences:
+            s.context = list(s.prompt_ids[-self.model.block_size:])
+            self.slot_of[id(s)] = slot = self._take_slot()
+            rows.append(self._prefill(slot, s.context))
+        if rows:
+            self.sequences += sequences
+            self.logits = np.concatenate([self.logits, np.stack(rows)])
+
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        gone = {id(s) for s in sequences}
+        keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
+        if len(keep) == len(self.sequences):
+            return
+        for s in self.sequences:
+            if id(s) in gone:
+                slot = self.slot_of.pop(id(s))
+                self.length[slot] = 0
+                bisect.insort(self.free, slot)
+        self.sequences = [self.sequences[i] for i in keep]
+        self.logits = self.logits[keep]
+
+    def advance(self) -> None:
+        """Feed every sequence its sampled token: one model call for slots [0, n)."""
+        if not self.sequences:
+            return
+        block = self.model.block_size
+        for s in self.sequences:  # a full window restarts from the last half of its context, as in PyTorch
+            if len(s.context) > block:
+                s.context = refill_context(s.context, block)
+                self._prefill(self.slot_of[id(s)], s.context[:-1])
+        slots = np.array([self.slot_of[id(s)] for s in self.sequences])
+        n = int(slots.max()) + 1
+        ids = np.zeros((n, 1), np.int64)
+        ids[slots, 0] = [s.context[-1] for s in self.sequences]
+        positions = self.length[:n, None].copy()  # the fed token's position: the tokens before it
+        lengths = self.length[:n] + 1
+        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # (n, T)
+        logits, _ = self.model.run(ids, mask, positions, self.buffers.view(0, n))
+        self.length[slots] += 1
+        self.logits = logits[slots, -1]
+
+
 def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, params: SamplingParams | None = None,
              seed: int = 0, stop: list[str] | None = None, limit: int = 100_000) -> Iterator[Event]:
     """Continue one prompt or a batch of prompts, yielding text as it is generated.
@@ -346,7 +548,7 @@ def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, pa
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     params = params or SamplingParams()
     ids = [validate_request(model.tokenizer, p, max_new_tokens, limit) for p in prompts]
-    batch = Batch(model)
+    batch = Batch(model, slots=len(ids))
     batch.add([Sequence(p, max_new_tokens, params, seed, list(stop or []), tag=i) for i, p in enumerate(ids)])
     while len(batch):
         yield from batch.emit()  # the text goes out before the next forward pass

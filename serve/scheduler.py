@@ -80,7 +80,7 @@ class Scheduler:
 
     def __init__(self, model: OnnxModel, limits: Limits):
         self.model, self.limits = model, limits
-        self.batch = Batch(model)
+        self.batch = Batch(model, slots=limits.max_batch)
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Condition()
         self.active = 0  # sequences waiting or in the batch

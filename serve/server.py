@@ -306,7 +306,9 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--tf32", action="store_true",
                         help="on CUDA, let fp32 matmuls use TF32 (faster on Ampere and newer; logits then differ "
                         "from the verified fp32 ones by about 1e-3)")
-    parser.add_argument("--model", choices=list(VARIANTS), default="fp32", help="which exported model")
+    parser.add_argument("--model", choices=["auto", *VARIANTS], default="auto",
+                        help="which exported model (default auto: the fused graph if the folder has one, fp16 on "
+                        "cuda; else model.onnx)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="sequences waiting or running before 429")

@@ -94,9 +94,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def export_dir(run_dir, tmp_path_factory):
-    """That run exported, with the int8 variant."""
+    """That run exported, with the fused graph and the int8 variants."""
     out = tmp_path_factory.mktemp("exports") / "tiny"
-    command("export", str(run_dir), str(out), "--int8")
+    command("export", str(run_dir), str(out), "--int8", "--optimize")
     return out
 
 
@@ -112,5 +112,5 @@ def bpe_run_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_export_dir(bpe_run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bpe-exports") / "tiny-bpe"
-    command("export", str(bpe_run_dir), str(out), "--int8")
+    command("export", str(bpe_run_dir), str(out), "--int8", "--optimize")
     return out

@@ -17,15 +17,17 @@ from serve.manifest import DeviceError, ExportError, input_names, output_names, 
 from serve.runtime import OnnxModel, generate
 
 
-@pytest.fixture(scope="module")
-def models(run_dir, export_dir):
+@pytest.fixture(scope="module", params=["fp32", "fused"])
+def models(run_dir, export_dir, request):
+    """PyTorch and onnxruntime, the latter with the portable graph and with the fused one."""
     model, tokenizer, _ = load_checkpoint(run_dir)
-    return model, OnnxModel(export_dir, threads=1)
+    return model, OnnxModel(export_dir, threads=1, variant=request.param)
 
 
 def test_export_folder_and_manifest(export_dir, run_dir):
     manifest = read_manifest(export_dir)
-    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.int8.onnx", "model.onnx",
+    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.fused.int8.onnx",
+                                                            "model.fused.onnx", "model.int8.onnx", "model.onnx",
                                                             "tokenizer.json"]
     assert [i["name"] for i in manifest["inputs"]] == input_names(2)
     assert [o["name"] for o in manifest["outputs"]] == output_names(2)
@@ -337,16 +339,20 @@ def test_weight_only_variants_through_matmulnbits(run_dir, tmp_path):
     import onnx
 
     out = tmp_path / "nbits"
-    proc = _export(run_dir, out, "--int4", "--int8-weights")
+    proc = _export(run_dir, out, "--int4", "--int8-weights", "--optimize")
     assert proc.returncode == 0, proc.stderr
     manifest = read_manifest(out)
     assert manifest["files"]["int4"] == "model.int4.onnx" and manifest["files"]["int8w"] == "model.int8w.onnx"
-    for variant, bound in (("int4", 0.05), ("int8w", 0.02)):
+    assert manifest["files"]["fused-int4"] == "model.fused.int4.onnx"
+    for variant, bound in (("int4", 0.05), ("int8w", 0.02), ("fused-int4", 0.05), ("fused-int8w", 0.02)):
         entry = manifest["quality"][variant]
         assert entry["op"] == "MatMulNBits" and entry["block_size"] == 32 and entry["accuracy_level"] == 4
         assert abs(entry["val_loss_change"]) < bound, entry
-        ops = {n.op_type for n in onnx.load(str(out / entry["file"])).graph.node}
-        assert "MatMulNBits" in ops
+        ops = [n.op_type for n in onnx.load(str(out / entry["file"])).graph.node]
+        assert ops.count("MatMulNBits") == 9  # 4 per block and the LM head
+        if variant.startswith("fused"):  # the QKV bias rides in MatMulNBits' bias input, not in an Add
+            assert "Add" not in ops and ops.count("GroupQueryAttention") == 2
+            assert manifest["graphs"][variant]["cache"] == "shared"
         events = list(generate(OnnxModel(out, threads=1, variant=variant), "ROMEO:", 20, SamplingParams(greedy=True)))
         assert len(events[-1].sequence.generated) == 20
     served = _serve(out, "--prompt", "ROMEO:", "--max-new-tokens", "10", "--model", "int4")
@@ -372,13 +378,21 @@ def test_int4_on_a_width_that_is_not_a_multiple_of_the_block_is_one_line(tmp_pat
     assert "embedding_dim is 24" in proc.stderr and "--int8" in proc.stderr and not (tmp_path / "out").exists()
 
 
-def test_onnxruntime_genai_runs_the_export_folder_as_it_is(bpe_export_dir, export_dir):
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_onnxruntime_genai_runs_the_export_folder_as_it_is(bpe_export_dir, bpe_run_dir, export_dir, graph, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     assert read_manifest(export_dir)["genai"]["written"] is False  # a char model: no HF tokenizer for genai
-    assert read_manifest(bpe_export_dir)["genai"]["written"]
-    model = og.Model(str(bpe_export_dir))
+    folder = bpe_export_dir  # exported with --optimize: genai_config.json names the fused graph
+    if graph == "portable":
+        folder = tmp_path / "portable"
+        assert _export(bpe_run_dir, folder).returncode == 0
+    genai = read_manifest(folder)["genai"]
+    assert genai["written"] and genai["past_present_share_buffer"] == (graph == "fused")
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == ("model.fused.onnx" if graph == "fused" else "model.onnx")
+    model = og.Model(str(folder))
     tokenizer = og.Tokenizer(model)
-    runtime = OnnxModel(bpe_export_dir, threads=1)
+    runtime = OnnxModel(folder, threads=1, variant="fused" if graph == "fused" else "fp32")
     prompt = "ROMEO: But soft, what light"
     ids = [int(i) for i in tokenizer.encode(prompt)]
     assert ids == runtime.tokenizer.encode(prompt)

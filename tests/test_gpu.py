@@ -237,6 +237,49 @@ def test_fp16_and_int8_on_cuda_are_finite_and_keep_the_validation_loss(run_dir, 
         assert np.isfinite(loss) and abs(loss - base) < 0.05
 
 
+@pytest.fixture(scope="module")
+def fused_fp16_export(run_dir, tmp_path_factory):
+    from export.exporter import export
+
+    out = tmp_path_factory.mktemp("fused") / "fp16"
+    export(run_dir, out, fp16=True, optimize=True, log=lambda s: None)
+    return out
+
+
+@needs_ort_cuda
+def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device(fused_fp16_export, run_dir):
+    from export.exporter import shared_parity_grid, validation_loss, validation_windows
+    from gpt.checkpoint import resolve_checkpoint
+    from serve.runtime import Batch, OnnxModel, Sequence, generate
+
+    runtime = OnnxModel(fused_fp16_export, device="cuda", variant="auto")
+    assert runtime.variant == "fused-fp16" and runtime.session.get_providers()[0] == "CUDAExecutionProvider"
+    model, _, _ = load_checkpoint(run_dir)
+    grid = shared_parity_grid(model, runtime)
+    print(f"\nfused fp16 on CUDA vs PyTorch fp32: max |dlogits|/scale {grid['max_rel_logit_error']:.2e}")
+    assert grid["max_rel_logit_error"] < 2e-2
+    windows, why = validation_windows(resolve_checkpoint(run_dir), 32, 16)
+    assert windows is not None, why
+    base = validation_loss(OnnxModel(fused_fp16_export, variant="fp32"), windows)
+    loss = validation_loss(runtime, windows)
+    print(f"fused fp16 on CUDA: validation loss {loss:.4f} vs fp32 on CPU {base:.4f} ({loss - base:+.4f} nats)")
+    assert abs(loss - base) < 0.02
+    greedy = SamplingParams(greedy=True)
+    prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
+    singles = [list(generate(runtime, p, 80, greedy))[-1].sequence.generated for p in prompts]
+    batch = Batch(runtime, slots=2)  # joins mid-decode; the third outgrows the two slots
+    assert all(v.device_name().lower() == "cuda" for v in batch.buffers.values)
+    seqs = [Sequence(runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
+    batch.add(seqs[:1])
+    for step in range(300):
+        if step == 10:
+            batch.add(seqs[1:])
+        if not len(batch) and step > 10:
+            break
+        batch.step()
+    assert [s.generated for s in seqs] == singles
+
+
 @needs_ort_cuda
 def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir):
     import requests

@@ -47,8 +47,9 @@ def server(export_dir):
 
 @pytest.fixture(scope="module")
 def expected(export_dir):
-    """What a request should produce: the runtime alone, one prompt at a time."""
-    model = OnnxModel(export_dir, threads=1)
+    """What a request should produce: the runtime alone, one prompt at a time (the model the server
+    takes by default: the fused graph)."""
+    model = OnnxModel(export_dir, threads=1, variant="auto")
 
     def text(prompt, n, seed, temperature=1.0, top_p=None, top_k=None, stop=None):
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -124,8 +125,7 @@ def test_openai_client(server, expected):
 NAMES = ["ROMEO:", "JULIET:", "KING HENRY:", "First Citizen:", "O", "MENENIUS:", "Nurse:\n"]
 
 
-def test_32_concurrent_streams_complete_correctly(server, expected):
-    url, _ = server
+def concurrent_streams(url: str, count: int) -> dict[int, str]:
     results = {}
 
     def client(i):
@@ -137,14 +137,34 @@ def test_32_concurrent_streams_complete_correctly(server, expected):
                 text += json.loads(line[6:])["choices"][0]["text"]
         results[i] = text
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=180)
+    return results
+
+
+def test_32_concurrent_streams_complete_correctly(server, expected):
+    url, _ = server  # the fused graph: sequences join and leave slots of one preallocated cache
+    results = concurrent_streams(url, 32)
     assert sorted(results) == list(range(32))
     for i, text in results.items():
         assert text == expected(NAMES[i % 7], 40, i), i
+
+
+def test_concurrent_streams_on_the_portable_graph_complete_correctly(export_dir):
+    proc, url = start_server(export_dir, "--model", "fp32", "--max-batch", "8")
+    try:
+        results = concurrent_streams(url, 12)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    model = OnnxModel(export_dir, threads=1, variant="fp32")
+    for i, text in results.items():
+        params = SamplingParams(temperature=1.0)
+        assert text == "".join(e.text for e in generate(model, NAMES[i % 7], 40, params, i)), i
+    assert sorted(results) == list(range(12))
 
 
 BAD = [

@@ -1,0 +1,174 @@
+"""The fused graph: the model written the way onnxruntime's own LLM graphs are.
+
+The portable graph (`model.onnx`) is what the dynamo exporter traces from `gpt/model.py`: standard
+ONNX ops, about 45 nodes per block, and a KV cache that grows by Concat, so every step copies it.
+This file writes the same model directly from the checkpoint's weights with onnxruntime's fused
+`com.microsoft` ops, about 9 nodes per block:
+
+    ids, positions ─► Gather(wte) , Gather(wpe) ─► SkipLayerNormalization ─► (x, ln_1(x))
+    per block:
+        MatMul(W_qkv) + bias ─► GroupQueryAttention(packed QKV, past, seqlens_k, total_length)
+        MatMul(W_proj) ─► SkipLayerNormalization(+ bias, + residual) ─► (x, ln_2(x))
+        MatMul(W_fc) ─► FastGelu(+ bias) ─► MatMul(W_fc_proj) ─► SkipLayerNormalization(+ bias, + residual)
+    the last SkipLayerNormalization is ln_f ─► MatMul(lm_head) ─► logits
+
+GroupQueryAttention (with as many key/value heads as query heads, which is plain multi-head
+attention) takes the packed QKV straight from the MatMul and keeps the cache in BNSH layout,
+(batch, heads, max_sequence, head_dim). When the caller binds one buffer as both past and present
+(`past_present_share_buffer`), the op writes each new key and value in place at row `seqlens_k`:
+nothing is copied. Sequences are right-padded: `attention_mask` has a 1 for each real token, from
+which the graph derives `seqlens_k` (real tokens - 1) and `total_sequence_length` (its width), as
+onnxruntime-genai's model builder does. Learned absolute positions stay outside the op: the caller
+passes `position_ids`.
+
+The graph carries the Optimum names, so the same runtime code binds it; what differs is recorded in
+the manifest (`cache: "shared"`).
+
+Imports no torch at module level; `build_fused` reads a GPT's state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from serve.manifest import input_names, output_names
+
+MS = "com.microsoft"
+FUSED_OPS = ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu")
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which gpt/model.py uses
+
+
+def build_fused(model, path: Path, opset: int = 18, dtype: str = "float32") -> dict:
+    """Write the fused graph of `model` (a gpt.model.GPT) to `path`; returns {op: count}.
+
+    dtype float16 stores weights and computes in fp16 (what GroupQueryAttention needs on CUDA),
+    with fp16 past/present and fp32 logits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = model.config
+    L, H, C, V = c.num_layers, c.num_heads, c.embedding_dim, c.vocab_size
+    D = C // H
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    nodes, inits = [], []
+
+    def weight(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(np_dtype)), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+
+    def linear(x: str, prefix: str, out: str, bias_in_next: bool = False) -> str | None:
+        """x @ W^T (+ b): returns the bias name when the caller fuses it into the next op."""
+        w = weight(f"{prefix}.weight_t", state[f"{prefix}.weight"].T)
+        bias = f"{prefix}.bias" if f"{prefix}.bias" in state else None
+        if bias is None or bias_in_next:
+            node("MatMul", [x, w], [out])
+            return weight(bias, state[bias]) if bias else None
+        node("MatMul", [x, w], [f"{out}.nobias"])
+        node("Add", [f"{out}.nobias", weight(bias, state[bias])], [out])
+        return None
+
+    def layer_norm_params(prefix: str) -> list[str]:
+        params = [weight(f"{prefix}.weight", state[f"{prefix}.weight"])]
+        if f"{prefix}.bias" in state:
+            params.append(weight(f"{prefix}.bias", state[f"{prefix}.bias"]))
+        return params
+
+    def skip_layer_norm(x: str, skip: str, ln: str, bias: str | None, out: str, residual: str) -> None:
+        params = layer_norm_params(ln)
+        if len(params) == 1:
+            params.append("")  # no beta
+        node("SkipLayerNormalization", [x, skip, *params, *([bias] if bias else [])], [out, "", "", residual],
+             domain=MS, epsilon=LAYER_NORM_EPS)
+
+    # seqlens_k = real tokens - 1 per row, total_sequence_length = the mask's width (int32, as GQA takes them)
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_1"))
+    inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+    node("ReduceSum", ["attention_mask", "axis_1"], ["mask_sum"], keepdims=0)
+    node("Sub", ["mask_sum", "one"], ["seqlens_k_64"])
+    node("Cast", ["seqlens_k_64"], ["seqlens_k"], to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", "one"], ["total_length_64"], axis=0)
+    node("Cast", ["total_length_64"], ["total_length"], to=TensorProto.INT32)
+
+    node("Gather", [weight("wte", state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
+    node("Gather", [weight("wpe", state["position_embedding.weight"]), "position_ids"], ["pos"], axis=0)
+    skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
+    for i in range(L):
+        p, x = f"blocks.{i}", f"h.{i}.x"
+        linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
+        node("GroupQueryAttention",
+             [f"h.{i}.qkv", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+              "total_length"],
+             [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H, kv_num_heads=H)
+        bias = linear(f"h.{i}.attn", f"{p}.attn.proj", f"h.{i}.attn_out", bias_in_next=True)
+        skip_layer_norm(f"h.{i}.attn_out", x, f"{p}.ln_2", bias, f"h.{i}.ln_2", f"h.{i}.x2")
+        bias = linear(f"h.{i}.ln_2", f"{p}.mlp.fc", f"h.{i}.fc", bias_in_next=True)
+        node("FastGelu", [f"h.{i}.fc", *([bias] if bias else [])], [f"h.{i}.gelu"], domain=MS)
+        bias = linear(f"h.{i}.gelu", f"{p}.mlp.proj", f"h.{i}.mlp_out", bias_in_next=True)
+        last = i == L - 1
+        skip_layer_norm(f"h.{i}.mlp_out", f"h.{i}.x2", "ln_f" if last else f"blocks.{i + 1}.ln_1", bias,
+                        "final" if last else f"h.{i + 1}.ln_1", "residual_out" if last else f"h.{i + 1}.x")
+    # the LM head has its own (transposed) copy even when tied, so quantization can treat it as any MatMul
+    head = weight("lm_head.weight_t", state["lm_head.weight"].T)
+    if dtype == "float16":
+        node("MatMul", ["final", head], ["logits_16"])
+        node("Cast", ["logits_16"], ["logits"], to=TensorProto.FLOAT)
+    else:
+        node("MatMul", ["final", head], ["logits"])
+
+    cache = ["batch", H, "max_sequence", D]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+    inputs += [helper.make_tensor_value_info(n, elem, cache) for n in input_names(L)[3:]]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])]
+    outputs += [helper.make_tensor_value_info(n, elem, cache) for n in output_names(L)[1:]]
+    graph = helper.make_graph(nodes, "gpt_fused", inputs, outputs, inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                                   producer_name="gpt.export.fused")
+    onnx_model.ir_version = 10
+    onnx.save(onnx_model, str(path))
+    ops: dict[str, int] = {}
+    for n in nodes:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+def fold_matmul_bias(path: Path) -> int:
+    """After MatMulNBits quantization: fold each `Add(MatMulNBits(x), bias)` into MatMulNBits' own bias
+    input, one node fewer per QKV projection. Returns how many were folded."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {i.name for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    folded, drop = 0, set()
+    for n in graph.node:
+        if n.op_type != "Add" or n.input[1] not in consts:
+            continue
+        src = producers.get(n.input[0])
+        if src is None or src.op_type != "MatMulNBits" or users.get(n.input[0]) != 1 or len(src.input) > 5:
+            continue
+        while len(src.input) < 5:
+            src.input.append("")
+        src.input.append(n.input[1])
+        src.output[0] = n.output[0]
+        drop.add(id(n))
+        folded += 1
+    keep = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(keep)
+    onnx.save(model, str(path))
+    return folded
