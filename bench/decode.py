@@ -102,7 +102,7 @@ def genai_engine(export_dir: Path, variant: str, threads: int, tmp: Path):
     folder.mkdir()
     name = manifest["files"][variant]
     (folder / name).symlink_to(export_dir / name)
-    config = genai_config(manifest, variant, None)
+    config = genai_config(manifest, variant, 0)  # a char model has no end token: min_length keeps genai going
     config["model"]["decoder"]["session_options"] |= {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     (folder / "genai_config.json").write_text(json.dumps(config))
     return og.Model(str(folder))
@@ -113,7 +113,7 @@ def genai_stream(model, prompt: list[int], n: int):
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt)
     for _ in range(n):

@@ -2,11 +2,14 @@
 
     python bench/serve.py                         # exports a seed-size model (random weights) first
     python bench/serve.py --export-dir exports/X  # or use an existing export
+    python bench/serve.py --models fused-int4 --concurrency 1 8
 
 Starts `python -m serve.server` on loopback and runs C client threads, each sending streaming
 completions one after another. Reports aggregate tokens/s across clients, p50/p99 time to first
 token and p50/p99 time between tokens, and the ratio of aggregate tokens/s at each concurrency to
-concurrency 1 (the baseline: one client at a time).
+concurrency 1 (the baseline: one client at a time), for each model in turn: the portable graph
+(a cache rebuilt through the host as sequences join and leave) and the fused graph (slots of one
+preallocated cache, written in place).
 """
 
 from __future__ import annotations
@@ -84,44 +87,63 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=["fp32", "fused", "fused-int4"],
+                        help="the export's models to serve in turn (default: portable fp32, fused fp32, fused int4)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_dir = Path(args.export_dir) if args.export_dir else make_export(Path(tmp), args.layers, args.heads,
-                                                                              args.dim, args.block)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
-                                   "--threads", str(args.threads), "--max-batch", str(args.max_batch),
-                                   "--max-queue", "256"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if requests.get(f"{url}/health", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-            stream_one(url, "ROMEO:", 8, 0)  # warm up
-            results = [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
-        finally:
-            server.terminate()
-            server.wait()
+        export_dir = Path(args.export_dir) if args.export_dir else make_export(
+            Path(tmp), args.layers, args.heads, args.dim, args.block, optimize=True, int4=True, eval_windows=2)
+        files = json.loads((export_dir / "manifest.json").read_text())["files"]
+        models = [m for m in args.models if m in files]
+        results = {m: serve_and_load(export_dir, m, args) for m in models}
         manifest = json.loads((export_dir / "manifest.json").read_text())["model"]
 
     print(f"machine: {machine()}")
     print(f"server onnxruntime threads {args.threads or 'all'}, max batch "
           f"{args.max_batch}; model {manifest['num_layers']} layers, {manifest['embedding_dim']}-d, block "
           f"{manifest['block_size']}; prompt 'ROMEO:', {args.max_tokens} new tokens, streaming")
-    print(f"{'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
-          f"{'token p50':>10s} {'token p99':>10s}")
-    base = results[0]["tokens_per_s"]
-    for r in results:
-        print(f"{r['concurrency']:7d} {r['requests']:8d} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:5.2f}x "
-              f"{r['ttft_p50_ms']:7.1f}ms {r['ttft_p99_ms']:7.1f}ms {r['gap_p50_ms']:8.1f}ms {r['gap_p99_ms']:8.1f}ms")
+    skipped = [m for m in args.models if m not in models]
+    if skipped:
+        print(f"not in the export folder, skipped: {', '.join(skipped)}")
+    print(f"{'model':>10s} {'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} "
+          f"{'TTFT p99':>9s} {'token p50':>10s} {'token p99':>10s}")
+    for model, rows in results.items():
+        base = rows[0]["tokens_per_s"]
+        for r in rows:
+            print(f"{model:>10s} {r['concurrency']:7d} {r['requests']:8d} {r['tokens_per_s']:9.1f} "
+                  f"{r['tokens_per_s'] / base:5.2f}x {r['ttft_p50_ms']:7.1f}ms {r['ttft_p99_ms']:7.1f}ms "
+                  f"{r['gap_p50_ms']:8.1f}ms {r['gap_p99_ms']:8.1f}ms")
+    for model, rows in results.items():
+        eight = next((r for r in rows if r["concurrency"] == 8), None)
+        if eight and rows[0]["concurrency"] == 1:
+            ratio = eight["tokens_per_s"] / rows[0]["tokens_per_s"]
+            print(f"{model}: 8 clients / 1 client aggregate tokens/s {ratio:.2f}x (goal >= 5x)")
     print(json.dumps(results))
+
+
+def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
+    """Start the server on one model of the folder, measure each concurrency, stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
+                               "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                               "--max-queue", "256", "--model", model], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        stream_one(url, "ROMEO:", 8, 0)  # warm up
+        return [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+    finally:
+        server.terminate()
+        server.wait()
 
 
 if __name__ == "__main__":

@@ -149,18 +149,16 @@ class OnnxModel:
         A concat graph returns a new, extended cache. A shared-cache graph writes the new keys and
         values into `past` (a CacheView) in place and returns it; its attention_mask is right-padded
         (row b has a 1 for each of its cached and new tokens, then 0s)."""
-        binding = self.session.io_binding()
+        binding = past.binding() if self.shared_cache else self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_output("logits", "cpu")
-        if self.shared_cache:
-            shape = [past.count, self.num_heads, self.block_size, self.head_dim]
-            for name_in, name_out, pointer in zip(self.input_names[3:], self.output_names[1:], past.pointers()):
-                binding.bind_input(name_in, self.device, 0, self.cache_dtype, shape, pointer)
-                binding.bind_output(name_out, self.device, 0, self.cache_dtype, shape, pointer)
+        if self.shared_cache:  # the cache is bound already; the logits land in an array of ours
+            logits = np.empty((*input_ids.shape, self.vocab_size), np.float32)
+            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy(), past
+            return logits, past
+        binding.bind_output("logits", "cpu")
         for name, value in zip(self.input_names[3:], past):
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names[1:]:
@@ -187,6 +185,7 @@ class CacheBuffers:
             self.values = [ort.OrtValue.ortvalue_from_numpy(a, model.device, 0) for a in arrays]
             self._pointers = [v.data_ptr() for v in self.values]
         self.slot_bytes = int(np.prod(shape[1:])) * model.cache_dtype.itemsize
+        self.bindings: dict[tuple[int, int], Any] = {}  # (start, count) -> an IOBinding with those slots bound
 
     def view(self, start: int, count: int) -> CacheView:
         return CacheView(self, start, count)
@@ -214,6 +213,21 @@ class CacheView:
     def pointers(self) -> list[int]:
         offset = self.start * self.buffers.slot_bytes
         return [p + offset for p in self.buffers._pointers]
+
+    def binding(self) -> Any:
+        """An IOBinding with these slots bound as past and present, made once per view and reused: a
+        decode step binds only its three small inputs and the logits."""
+        key = (self.start, self.count)
+        binding = self.buffers.bindings.get(key)
+        if binding is None:
+            model = self.buffers.model
+            binding = model.session.io_binding()
+            shape = [self.count, model.num_heads, model.block_size, model.head_dim]
+            for name_in, name_out, pointer in zip(model.input_names[3:], model.output_names[1:], self.pointers()):
+                binding.bind_input(name_in, model.device, 0, model.cache_dtype, shape, pointer)
+                binding.bind_output(name_out, model.device, 0, model.cache_dtype, shape, pointer)
+            self.buffers.bindings[key] = binding
+        return binding
 
     def host(self) -> list[np.ndarray]:
         return [a[self.start:self.start + self.count] for a in self.buffers.host()]
