@@ -485,7 +485,8 @@ def _describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph
         "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
         "files": {"fp32": VARIANTS["fp32"]},
         "graphs": {"fp32": {"cache": "concat", "cache_dtype": "float32", "nodes": graph["nodes"], "ops": graph["ops"]}},
-        "export_options": {**options, "exporter": exporter, "torch": torch.__version__},
+        "export_options": {**options, "exporter": exporter, "torch": torch.__version__,
+                           "onnxruntime": _onnxruntime_version()},
         "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
                    "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
                    "model_sha256": sha256_file(folder / "model.safetensors")},
@@ -520,6 +521,12 @@ def genai_config(manifest: dict, variant: str, eot_id: int | None) -> dict:
                    "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
                    "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _write_genai_config(folder: Path, manifest: dict, tokenizer) -> dict:

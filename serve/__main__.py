@@ -63,7 +63,7 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     rate = tokens / (elapsed - first) if tokens > 1 and elapsed > first else 0.0
-    print(f"[{args.model} on {args.device}: {tokens} tokens, time to first token {(first or 0) * 1000:.1f} ms, "
+    print(f"[{model.variant} on {args.device}: {tokens} tokens, time to first token {(first or 0) * 1000:.1f} ms, "
           f"{rate:.1f} tokens/s]", file=sys.stderr)
     return 0
 

@@ -87,8 +87,17 @@ class OnnxModel:
         cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})
         providers = [cuda, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         self.variant, self.tf32 = variant, tf32
-        self.session = ort.InferenceSession(str(model_path(export_dir, self.manifest, variant)), options,
-                                            providers=providers)
+        path = model_path(export_dir, self.manifest, variant)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:
+            if not self.shared_cache:
+                raise
+            # the fused graph uses onnxruntime's contrib ops, whose attributes grow between releases
+            raise ExportError(f"onnxruntime {ort.__version__} cannot load the fused graph {path.name} "
+                              f"({str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__}): "
+                              "upgrade onnxruntime (the export was checked with the version in its manifest), or "
+                              "use the portable graph (--model fp32)") from None
         # What is built in is not what a session gets: without the CUDA and cuDNN libraries
         # onnxruntime-gpu quietly falls back to the CPU. Check what this session really runs on.
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():

@@ -356,7 +356,14 @@ def run(argv: list[str] | None = None) -> int:
                     max_connections=args.max_connections)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
     app = create_app(model, limits, model_id, api_key)
-    print(f"serving {model_id} ({args.model} on {args.device}) at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    cache = ""
+    if model.shared_cache:  # allocated once, when the model loop starts
+        size = (limits.max_batch * 2 * model.num_layers * model.num_heads * model.block_size * model.head_dim *
+                model.cache_dtype.itemsize)
+        cache = f"; a KV cache of {limits.max_batch} slots x {model.block_size} positions, {size / 2**20:.0f} MB " \
+                "(--max-batch)"
+    print(f"serving {model_id} ({model.variant} on {args.device}{cache}) at http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
     protocol = ConnectionGuard.configured(limits.read_timeout, limits.max_connections)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, http=protocol)
     return 0

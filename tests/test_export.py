@@ -227,6 +227,7 @@ def test_serve_cli_streams_text_and_reports_speed(export_dir):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ROMEO:") and len(proc.stdout) == len("ROMEO:") + 40 + 1
     assert "time to first token" in proc.stderr and "tokens/s" in proc.stderr
+    assert "[fused on cpu:" in proc.stderr  # the folder has the fused graph: it is the default
 
 
 @pytest.mark.parametrize("args, message", [

@@ -160,3 +160,20 @@ def test_validation_loss_is_the_same_through_either_graph(run_dir, export_dir):
     windows, _ = validation_windows(resolve_checkpoint(run_dir, "best"), 32, 8)
     losses = [validation_loss(OnnxModel(export_dir, variant=v, threads=1), windows) for v in ("fp32", "fused")]
     assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_an_onnxruntime_that_cannot_load_the_fused_graph_says_so_in_one_line(export_dir, tmp_path):
+    import onnx
+    from onnx import helper
+
+    copy_dir = tmp_path / "newer"
+    shutil.copytree(export_dir, copy_dir)
+    model = onnx.load(str(copy_dir / "model.fused.onnx"))
+    attention = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attention.attribute.append(helper.make_attribute("an_attribute_of_a_later_release", 1))
+    onnx.save(model, str(copy_dir / "model.fused.onnx"))
+    with pytest.raises(ExportError, match=r"cannot load the fused graph model.fused.onnx .*use the portable graph "
+                                          r"\(--model fp32\)") as error:
+        OnnxModel(copy_dir, variant="fused")
+    assert "\n" not in str(error.value)
+    assert OnnxModel(copy_dir, variant="fp32").variant == "fp32"
