@@ -16,6 +16,7 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from serve.runtime import Batch, Event, OnnxModel, Sequence
 
@@ -117,6 +118,16 @@ class Scheduler:
         request = seq.tag.request
         request.loop.call_soon_threadsafe(request.events.put_nowait, event)
 
+    @staticmethod
+    def _deliver_step(events: list[Event]) -> None:
+        """A step's events in one hand-over per event loop: one wake-up, not one per sequence."""
+        by_loop: dict[Any, list[tuple[Any, Event]]] = {}
+        for event in events:
+            request = event.sequence.tag.request
+            by_loop.setdefault(request.loop, []).append((request.events, event))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _run(self) -> None:
         admit: list[Sequence] = []
         try:
@@ -140,11 +151,9 @@ class Scheduler:
                 self.batch.add([s for s in admit if not s.tag.request.cancelled])
                 released = len(dropped) + len(gone)
                 events = self.batch.emit() if len(self.batch) else []
-                finished = 0
-                for event in events:  # hand out the text before the next forward pass
-                    if event.text or event.finished:
-                        self._deliver(event.sequence, event)
-                    finished += event.finished
+                finished = sum(event.finished for event in events)
+                # hand out the text before the next forward pass
+                self._deliver_step([event for event in events if event.text or event.finished])
                 self.batch.advance()
                 with self.lock:
                     self.active -= finished + released
@@ -161,3 +170,8 @@ class Scheduler:
                 self.waiting.clear()
             for request in {id(s.tag.request): s.tag.request for s in pending}.values():
                 request.loop.call_soon_threadsafe(request.events.put_nowait, None)
+
+
+def _put_all(items: list[tuple[Any, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
