@@ -177,3 +177,33 @@ def test_an_onnxruntime_that_cannot_load_the_fused_graph_says_so_in_one_line(exp
         OnnxModel(copy_dir, variant="fused")
     assert "\n" not in str(error.value)
     assert OnnxModel(copy_dir, variant="fp32").variant == "fp32"
+
+
+@pytest.mark.parametrize("bias, tie", [(False, False), (True, True)], ids=["no-bias", "tied-head"])
+def test_models_without_biases_or_with_a_tied_head_pass_the_same_gates(tmp_path, bias, tie):
+    import torch
+
+    from bench.common import VOCAB  # TinyShakespeare's characters: the run's held-out split measures int4
+    from export.exporter import export
+    from gpt.checkpoint import write_model_files
+    from gpt.config import ModelConfig, RunConfig
+    from gpt.model import GPT
+    from gpt.tokenizer import CharTokenizer
+
+    config = ModelConfig(block_size=16, embedding_dim=32, num_heads=2, num_layers=2, vocab_size=len(VOCAB), bias=bias,
+                         tie_embeddings=tie)
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():  # weights far from their init, so a wrongly placed bias or gain would show
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    run = RunConfig()
+    run.model = config
+    (tmp_path / "ckpt").mkdir()
+    write_model_files(tmp_path / "ckpt", model, CharTokenizer(VOCAB), {"step": 0}, run.to_dict())
+    manifest = export(tmp_path / "ckpt", tmp_path / "out", optimize=True, int4=True, log=lambda s: None)
+    assert manifest["parity"]["fused"]["passed"] and manifest["parity"]["fused_greedy"]["identical"]
+    assert ("Add" in manifest["graphs"]["fused"]["ops"]) == bias  # the QKV bias, when there is one
+    assert abs(manifest["quality"]["fused-int4"]["val_loss_change"]) < 0.1
+    runtime = OnnxModel(tmp_path / "out", variant="fused-int4")
+    assert len(list(generate(runtime, "abc", 40, SamplingParams(greedy=True)))[-1].sequence.generated) == 40
