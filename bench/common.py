@@ -10,6 +10,14 @@ from pathlib import Path
 VOCAB = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # TinyShakespeare's 65 characters
 
 
+def add_shape_arguments(parser, layers: int = 8, heads: int = 8, dim: int = 512, block: int = 256) -> None:
+    """--layers, --heads, --dim, --block: the random model's shape (default: seed size)."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--block", type=int, default=block)
+
+
 def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: int):
     """A checkpoint folder with seeded random weights: (folder, model, tokenizer)."""
     import torch
@@ -62,3 +70,19 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{name}, {cores} cores ({', '.join(isa) or 'no AVX2'}); python {platform.python_version()}, "
             f"{', '.join(versions)}")
+
+
+def wait_healthy(url: str, seconds: float = 60.0) -> bool:
+    """Poll the server's /health until it answers 200; False if it has not within `seconds`."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return True
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    return False

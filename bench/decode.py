@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import VOCAB, machine, random_checkpoint  # noqa: E402
+from bench.common import VOCAB, add_shape_arguments, machine, random_checkpoint  # noqa: E402
 from gpt.generate import generate, generate_uncached  # noqa: E402
 from gpt.sampling import SamplingParams  # noqa: E402
 
@@ -61,10 +61,7 @@ def time_stream(tokens) -> tuple[float, float, int]:
 
 def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--block", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")

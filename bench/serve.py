@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import machine, make_export  # noqa: E402
+from bench.common import add_shape_arguments, machine, make_export, wait_healthy  # noqa: E402
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
@@ -83,10 +83,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads in the server (0: all cores)")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--block", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--models", nargs="+", default=["fp32", "fused", "fused-int4"],
                         help="the export's models to serve in turn (default: portable fp32, fused fp32, fused int4)")
     args = parser.parse_args(argv)
@@ -133,12 +130,8 @@ def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
                                "--max-queue", "256", "--model", model], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        if not wait_healthy(url):
+            raise SystemExit(f"the server serving {model} did not become healthy in 60 s")
         stream_one(url, "ROMEO:", 8, 0)  # warm up
         return [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
     finally:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import machine, make_export  # noqa: E402
+from bench.common import add_shape_arguments, machine, make_export, wait_healthy  # noqa: E402
 
 HOST = "127.0.0.1"
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "O", "KING HENRY:"]
@@ -145,10 +145,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-burst", type=int, default=100, help="idle connections per burst (default 100)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads in the server (default 1)")
     parser.add_argument("--read-timeout", type=float, default=3.0, help="the server's --read-timeout")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--block", type=int, default=128)
+    add_shape_arguments(parser, layers=4, heads=4, dim=128, block=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -156,8 +153,9 @@ def run(argv: list[str] | None = None) -> int:
     fault_s = max(10.0, args.duration - quiet_s)
 
     with tempfile.TemporaryDirectory() as tmp:
+        # with the fused graph, which the server takes by default (its slots of one preallocated cache)
         export_dir = Path(args.export_dir) if args.export_dir else make_export(Path(tmp), args.layers, args.heads,
-                                                                              args.dim, args.block)
+                                                                              args.dim, args.block, optimize=True)
         with socket.socket() as s:
             s.bind((HOST, 0))
             port = s.getsockname()[1]
@@ -170,13 +168,7 @@ def run(argv: list[str] | None = None) -> int:
         tally = Tally()
         stop = threading.Event()
         try:
-            for _ in range(600):
-                try:
-                    if requests.get(f"{url}/health", timeout=1).ok:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-            else:
+            if not wait_healthy(url):
                 raise SystemExit("the server did not start: " + log.read())
 
             def good_client(c: int) -> None:

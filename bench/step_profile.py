@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import machine, random_checkpoint  # noqa: E402
+from bench.common import add_shape_arguments, machine, random_checkpoint  # noqa: E402
 
 
 def session(path: Path, threads: int, profile: bool):
@@ -89,10 +89,7 @@ def measure(path: Path, config: dict, batch: int, context: int, shared: bool, th
 
 def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--block", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--context", type=int, default=100, help="tokens cached before the step")
     parser.add_argument("--threads", type=int, default=2)

@@ -555,13 +555,18 @@ def _verify(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -
     manifest["parity"] = {"fp32": parity, "greedy": greedy}
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
         f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    if not parity["passed"]:
-        raise ExportError(f"ONNX Runtime and PyTorch disagree: max |Δlogits|/scale "
-                          f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; the export is not usable")
-    if not greedy["identical"]:
-        raise ExportError(f"greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
-                          f"{greedy['tokens']}; the export is not usable")
+    _require(parity, greedy, "ONNX Runtime", "the export is not usable")
     return runtime
+
+
+def _require(parity: dict, greedy: dict, graph: str, fix: str) -> None:
+    """The two gates every graph passes before it is written."""
+    if not parity["passed"]:
+        raise ExportError(f"{graph} and PyTorch disagree: max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} > "
+                          f"{FP32_TOLERANCE:.0e}; {fix}")
+    if not greedy["identical"]:
+        raise ExportError(f"{graph}'s greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
+                          f"{greedy['tokens']}; {fix}")
 
 
 def _add_fused(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
@@ -585,12 +590,7 @@ def _add_fused(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]
     fused = ", ".join(f"{graph['ops'].get(op, 0)} {op}" for op in FUSED_OPS)
     log(f"fused graph: {graph['nodes']} nodes ({fused}); parity: {parity['cases']} cases, max |Δlogits|/scale "
         f"{parity['max_rel_logit_error']:.2e}; greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    if not parity["passed"]:
-        raise ExportError(f"the fused graph and PyTorch disagree: max |Δlogits|/scale "
-                          f"{parity['max_rel_logit_error']:.2e} > {FP32_TOLERANCE:.0e}; export without --optimize")
-    if not greedy["identical"]:
-        raise ExportError(f"the fused graph's greedy decoding differs from PyTorch at token "
-                          f"{greedy['first_difference']} of {greedy['tokens']}; export without --optimize")
+    _require(parity, greedy, "the fused graph", "export without --optimize")
 
 
 def _add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, folder: Path, variants: list[str],
