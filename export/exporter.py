@@ -198,12 +198,16 @@ def parity_grid(model: GPT, runtime: OnnxModel) -> dict:
         worst = max(worst, err)
         cases.append({"batch": batch, "past": past, "sequence": seq, "left_padding": pad,
                       "max_rel_logit_error": err, "max_abs_cache_error": present_err})
-    # what was compared, in which precision: TF32 would blur a 1e-4 gate on a GPU
-    compared = (f"fp32: onnxruntime {runtime.session.get_providers()[0]} (TF32 {'on' if runtime.tf32 else 'off'}) "
-                f"vs PyTorch on {next(model.parameters()).device.type}"
-                f"{' (TF32 on)' if torch.backends.cuda.matmul.allow_tf32 and next(model.parameters()).is_cuda else ''}")
-    return {"cases": len(cases), "compared": compared, "max_rel_logit_error": worst, "tolerance": FP32_TOLERANCE,
-            "passed": worst <= FP32_TOLERANCE, "grid": cases}
+    return {"cases": len(cases), "compared": _compared(model, runtime), "max_rel_logit_error": worst,
+            "tolerance": FP32_TOLERANCE, "passed": worst <= FP32_TOLERANCE, "grid": cases}
+
+
+def _compared(model: GPT, runtime: OnnxModel) -> str:
+    """What a parity grid compared, in which precision: TF32 would blur a 1e-4 gate on a GPU."""
+    precision = "fp16" if runtime.cache_dtype == np.float16 else "fp32"
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32 and next(model.parameters()).is_cuda
+    return (f"{precision}: onnxruntime {runtime.session.get_providers()[0]} (TF32 {'on' if runtime.tf32 else 'off'}) "
+            f"vs PyTorch on {next(model.parameters()).device.type}{' (TF32 on)' if cuda_tf32 else ''}")
 
 
 # GroupQueryAttention runs a prompt (no past) in a batch, one token after a past in a batch (rows may
@@ -245,11 +249,9 @@ def shared_parity_grid(model: GPT, runtime: OnnxModel) -> dict:
         worst = max(worst, err)
         cases.append({"batch": batch, "past": past, "sequence": seq, "ragged": ragged,
                       "max_rel_logit_error": err, "max_abs_cache_error": present_err})
-    compared = f"fp32: onnxruntime {runtime.session.get_providers()[0]} (TF32 {'on' if runtime.tf32 else 'off'}) " \
-               f"vs PyTorch on {next(model.parameters()).device.type}"
     passed = worst <= FP32_TOLERANCE and max(c["max_abs_cache_error"] for c in cases) <= FP32_TOLERANCE * 10
-    return {"cases": len(cases), "compared": compared, "max_rel_logit_error": worst, "tolerance": FP32_TOLERANCE,
-            "passed": passed, "grid": cases}
+    return {"cases": len(cases), "compared": _compared(model, runtime), "max_rel_logit_error": worst,
+            "tolerance": FP32_TOLERANCE, "passed": passed, "grid": cases}
 
 
 def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:

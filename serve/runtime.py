@@ -122,6 +122,11 @@ class OnnxModel:
             raise ExportError(f"{self.export_dir}: the {self.variant} graph gives {width} logits per token but the "
                               f"vocabulary has {self.vocab_size} tokens; the folder mixes two exports: export again")
 
+    def cache_bytes(self, slots: int) -> int:
+        """Bytes of a shared-cache graph's preallocated cache with `slots` slots: keys and values of every layer."""
+        per_layer = 2 * self.num_heads * self.block_size * self.head_dim * self.cache_dtype.itemsize
+        return slots * self.num_layers * per_layer
+
     def warmup(self) -> None:
         """A short batched generation through every code path (prefill, splice, decode, sampling),
         so the first real request does not pay for initialisation."""
@@ -193,7 +198,7 @@ class CacheBuffers:
             ort = _ort()
             self.values = [ort.OrtValue.ortvalue_from_numpy(a, model.device, 0) for a in arrays]
             self._pointers = [v.data_ptr() for v in self.values]
-        self.slot_bytes = int(np.prod(shape[1:])) * model.cache_dtype.itemsize
+        self.slot_bytes = model.cache_bytes(1) // len(arrays)  # one slot of one buffer
         self.bindings: dict[tuple[int, int], Any] = {}  # (start, count) -> an IOBinding with those slots bound
 
     def view(self, start: int, count: int) -> CacheView:

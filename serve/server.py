@@ -358,10 +358,8 @@ def run(argv: list[str] | None = None) -> int:
     app = create_app(model, limits, model_id, api_key)
     cache = ""
     if model.shared_cache:  # allocated once, when the model loop starts
-        size = (limits.max_batch * 2 * model.num_layers * model.num_heads * model.block_size * model.head_dim *
-                model.cache_dtype.itemsize)
-        cache = f"; a KV cache of {limits.max_batch} slots x {model.block_size} positions, {size / 2**20:.0f} MB " \
-                "(--max-batch)"
+        cache = (f"; a KV cache of {limits.max_batch} slots x {model.block_size} positions, "
+                 f"{model.cache_bytes(limits.max_batch) / 2**20:.0f} MB (--max-batch)")
     print(f"serving {model_id} ({model.variant} on {args.device}{cache}) at http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     protocol = ConnectionGuard.configured(limits.read_timeout, limits.max_connections)

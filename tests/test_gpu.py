@@ -163,6 +163,18 @@ def test_the_seed_config_in_bf16_reports_speed_memory_and_mfu(tmp_path, fresh_ac
 
 # --- onnxruntime on CUDA ---------------------------------------------------------------------------------
 
+def decode_joining(batch, seqs, joins: dict) -> None:
+    """Step `batch` until every sequence is done, adding joins[step] before that step."""
+    last = max(joins)
+    for step in range(10_000):
+        if step in joins:
+            batch.add(joins[step])
+        if not len(batch) and step > last:
+            return
+        batch.step()
+    raise AssertionError("the batch did not finish")
+
+
 @pytest.fixture(scope="module")
 def cuda_runtime(export_dir):
     from serve.runtime import OnnxModel
@@ -207,17 +219,8 @@ def test_cuda_generation_equals_cpu_batched_padded_and_joining_mid_decode(cuda_r
     events = list(generate(cuda_runtime, prompts, 80, greedy))  # one left-padded batch
     done = {e.sequence.tag: e.sequence.generated for e in events if e.finished}
     assert [done[i] for i in range(3)] == singles
-    batch = Batch(cuda_runtime)  # sequences join while others decode, and leave when done
     seqs = [Sequence(cuda_runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
-    batch.add(seqs[:1])
-    for step in range(200):
-        if step == 10:
-            batch.add(seqs[1:2])
-        if step == 25:
-            batch.add(seqs[2:])
-        if not len(batch) and step > 25:
-            break
-        batch.step()
+    decode_joining(Batch(cuda_runtime), seqs, {0: seqs[:1], 10: seqs[1:2], 25: seqs[2:]})
     assert [s.generated for s in seqs] == singles
 
 
@@ -270,13 +273,7 @@ def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device
     batch = Batch(runtime, slots=2)  # joins mid-decode; the third outgrows the two slots
     assert all(v.device_name().lower() == "cuda" for v in batch.buffers.values)
     seqs = [Sequence(runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
-    batch.add(seqs[:1])
-    for step in range(300):
-        if step == 10:
-            batch.add(seqs[1:])
-        if not len(batch) and step > 10:
-            break
-        batch.step()
+    decode_joining(batch, seqs, {0: seqs[:1], 10: seqs[1:]})
     assert [s.generated for s in seqs] == singles
 
 
