@@ -4,7 +4,8 @@
 
 --fail-rank/--fail-step make one rank raise in the middle of training, to check the job ends.
 --slow-save-rank makes one rank write its part of every checkpoint a second late;
---slow-prepare-rank makes one rank take --slow-prepare-s seconds to prepare the data.
+--slow-build-s makes whichever rank tokenizes the corpus into the cache (the first to take the cache's
+lock and find no entry; give the run an empty GPT_CACHE_DIR) take that many seconds longer.
 Each rank also writes rank{N}.draw.json: four random numbers drawn after training.
 """
 
@@ -26,8 +27,7 @@ parser.add_argument("config")
 parser.add_argument("--fail-rank", type=int, default=None)
 parser.add_argument("--fail-step", type=int, default=5)
 parser.add_argument("--slow-save-rank", type=int, default=None)
-parser.add_argument("--slow-prepare-rank", type=int, default=None)
-parser.add_argument("--slow-prepare-s", type=float, default=8.0)
+parser.add_argument("--slow-build-s", type=float, default=None)
 args, overrides = parser.parse_known_args()
 rank = int(os.environ.get("RANK", "0"))
 
@@ -44,18 +44,18 @@ if args.slow_save_rank == rank:
 
     accelerate.accelerator.save_accelerator_state = slow_save
 
-if args.slow_prepare_rank == rank:
+if args.slow_build_s is not None:
     import time
 
     import gpt.data
 
-    real_resolve = gpt.data.resolve_corpus
+    real_build = gpt.data._build
 
-    def slow_resolve(*a, **k):  # inside prepare(), as a first tokenization of a large corpus would be
-        time.sleep(args.slow_prepare_s)
-        return real_resolve(*a, **k)
+    def slow_build(*a, **k):  # inside prepare()'s lock, as a first tokenization of a large corpus would be
+        time.sleep(args.slow_build_s)
+        return real_build(*a, **k)
 
-    gpt.data.resolve_corpus = slow_resolve
+    gpt.data._build = slow_build
 
 if args.fail_rank == rank:
     real_get_batch = train.get_batch

@@ -17,9 +17,9 @@ COMMON = ["--train.max_iters=20", "--train.log_interval=5", "--train.eval_interv
           "--train.checkpoint_interval=20", "--train.batch_size=4"]
 
 
-def accelerate(*args, timeout=240):
+def accelerate(*args, timeout=240, **env):
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+                          env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 def train_losses(out_dir):
@@ -57,14 +57,15 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
 
 
 def test_slow_ranks_are_waited_for_and_each_rank_draws_its_own_random_numbers(tmp_path):
-    """Rank 1 writes its part of each checkpoint late: nothing is published without it. Rank 0 takes
-    longer to prepare the data than the process group's timeout: the other rank waits on the cache's
-    lock, not in a collective. With dropout, the ranks draw different masks."""
+    """Rank 1 writes its part of each checkpoint late: nothing is published without it. The rank that
+    tokenizes the corpus (into an empty cache) takes longer than the process group's timeout: the other
+    rank waits on the cache's lock, not in a collective. With dropout, the ranks draw different masks."""
     out = tmp_path / "slow"
     proc = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY), f"--train.out_dir={out}",
                       *COMMON, "--train.checkpoint_interval=10", "--slow-save-rank", "1", "--model.dropout=0.1",
-                      "--slow-prepare-rank", "0", "--slow-prepare-s", "8", "--train.dist_timeout_s=5")
+                      "--slow-build-s", "8", "--train.dist_timeout_s=5", GPT_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1  # one rank tokenized (slowly), once
     draws = [json.loads((out / f"rank{r}.draw.json").read_text()) for r in (0, 1)]
     assert draws[0] != draws[1]  # nanoGPT's seed + rank: not the same dropout masks on every rank
     assert_same(load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors")))
