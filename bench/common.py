@@ -40,7 +40,7 @@ def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: in
 
 def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, **options) -> Path:
     """That checkpoint exported (and verified) to folder/seed."""
-    from export.exporter import export
+    from export.pipeline import export
 
     checkpoint, _, _ = random_checkpoint(folder / "checkpoint", layers, heads, dim, block)
     export(checkpoint, folder / "seed", log=lambda s: None, **options)

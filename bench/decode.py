@@ -94,7 +94,7 @@ def genai_engine(export_dir: Path, variant: str, threads: int, tmp: Path):
         import onnxruntime_genai as og
     except ImportError:
         return None
-    from export.exporter import genai_config
+    from export.genai import genai_config
     from serve.manifest import read_manifest
 
     manifest = read_manifest(export_dir)
@@ -124,7 +124,7 @@ def genai_stream(model, prompt: list[int], n: int):
 
 
 def measure(args, threads: int, tmp: Path) -> None:
-    from export.exporter import export
+    from export.pipeline import export
     from serve.runtime import OnnxModel
     from serve.runtime import generate as ort_generate
 

@@ -96,7 +96,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
 
-    from export.exporter import export
+    from export.pipeline import export
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, _, _ = random_checkpoint(Path(tmp) / "checkpoint", args.layers, args.heads, args.dim, args.block)

@@ -1,4 +1,4 @@
-"""Command line: parse, call export.exporter.export, turn errors into one line and an exit code."""
+"""Command line: parse, call export.pipeline.export (or export.hf.export_hf), errors as one line and exit 2."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def run(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from export.exporter import export, export_hf
+    from export.hf import export_hf
+    from export.pipeline import export
     from gpt.checkpoint import CheckpointError
     from gpt.cli import run_command
     from gpt.config import ConfigError

@@ -24,7 +24,7 @@ passes `position_ids`.
 The graph carries the Optimum names, so the same runtime code binds it; what differs is recorded in
 the manifest (`cache: "shared"`).
 
-Imports no torch at module level; `build_fused` reads a GPT's state dict.
+Imports no torch at module level; `FusedBuilder` reads a GPT's state dict.
 """
 
 from __future__ import annotations
@@ -40,103 +40,145 @@ FUSED_OPS = ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu")
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which gpt/model.py uses
 
 
-def build_fused(model, path: Path, opset: int = 18, dtype: str = "float32") -> dict:
-    """Write the fused graph of `model` (a gpt.model.GPT) to `path`; returns {op: count}.
+class FusedBuilder:
+    """Writes the fused graph of a gpt.model.GPT, one `make_*` method per piece, in the shape of
+    onnxruntime-genai's model builder: each method appends its nodes and initializers and returns
+    the name of the tensor it produced.
 
-    dtype float16 stores weights and computes in fp16 (what GroupQueryAttention needs on CUDA),
-    with fp16 past/present and fp32 logits."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    dtype float16 stores weights and computes in fp16 (what GroupQueryAttention needs on CUDA), with
+    fp16 past/present and fp32 logits."""
 
-    c = model.config
-    L, H, C, V = c.num_layers, c.num_heads, c.embedding_dim, c.vocab_size
-    D = C // H
-    np_dtype = np.float16 if dtype == "float16" else np.float32
-    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    nodes, inits = [], []
+    def __init__(self, model, opset: int = 18, dtype: str = "float32"):
+        from onnx import TensorProto
 
-    def weight(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(np_dtype)), name))
+        c = model.config
+        self.config, self.opset, self.dtype = c, opset, dtype
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+        self.state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        self.nodes, self.inits = [], []
+
+    # --- the pieces --------------------------------------------------------------------------------
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(self.np_dtype)), name))
         return name
 
-    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        from onnx import helper
 
-    def linear(x: str, prefix: str, out: str, bias_in_next: bool = False) -> str | None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain,
+                                           **attrs))
+
+    def make_linear(self, x: str, prefix: str, out: str, bias_in_next: bool = False) -> str | None:
         """x @ W^T (+ b): returns the bias name when the caller fuses it into the next op."""
-        w = weight(f"{prefix}.weight_t", state[f"{prefix}.weight"].T)
-        bias = f"{prefix}.bias" if f"{prefix}.bias" in state else None
+        w = self.weight(f"{prefix}.weight_t", self.state[f"{prefix}.weight"].T)
+        bias = f"{prefix}.bias" if f"{prefix}.bias" in self.state else None
         if bias is None or bias_in_next:
-            node("MatMul", [x, w], [out])
-            return weight(bias, state[bias]) if bias else None
-        node("MatMul", [x, w], [f"{out}.nobias"])
-        node("Add", [f"{out}.nobias", weight(bias, state[bias])], [out])
+            self.node("MatMul", [x, w], [out])
+            return self.weight(bias, self.state[bias]) if bias else None
+        self.node("MatMul", [x, w], [f"{out}.nobias"])
+        self.node("Add", [f"{out}.nobias", self.weight(bias, self.state[bias])], [out])
         return None
 
-    def layer_norm_params(prefix: str) -> list[str]:
-        params = [weight(f"{prefix}.weight", state[f"{prefix}.weight"])]
-        if f"{prefix}.bias" in state:
-            params.append(weight(f"{prefix}.bias", state[f"{prefix}.bias"]))
-        return params
+    def make_skip_layer_norm(self, x: str, skip: str, ln: str, bias: str | None, out: str, residual: str) -> None:
+        """(x + skip + bias) → `residual`, and its LayerNorm `ln` → `out`, in one op."""
+        params = [self.weight(f"{ln}.weight", self.state[f"{ln}.weight"])]
+        params.append(self.weight(f"{ln}.bias", self.state[f"{ln}.bias"]) if f"{ln}.bias" in self.state else "")
+        self.node("SkipLayerNormalization", [x, skip, *params, *([bias] if bias else [])], [out, "", "", residual],
+                  domain=MS, epsilon=LAYER_NORM_EPS)
 
-    def skip_layer_norm(x: str, skip: str, ln: str, bias: str | None, out: str, residual: str) -> None:
-        params = layer_norm_params(ln)
-        if len(params) == 1:
-            params.append("")  # no beta
-        node("SkipLayerNormalization", [x, skip, *params, *([bias] if bias else [])], [out, "", "", residual],
-             domain=MS, epsilon=LAYER_NORM_EPS)
+    def make_attention_inputs(self) -> None:
+        """seqlens_k = real tokens - 1 per row and total_sequence_length = the mask's width, as
+        GroupQueryAttention takes them (int32)."""
+        from onnx import TensorProto, numpy_helper
 
-    # seqlens_k = real tokens - 1 per row, total_sequence_length = the mask's width (int32, as GQA takes them)
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_1"))
-    inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
-    node("ReduceSum", ["attention_mask", "axis_1"], ["mask_sum"], keepdims=0)
-    node("Sub", ["mask_sum", "one"], ["seqlens_k_64"])
-    node("Cast", ["seqlens_k_64"], ["seqlens_k"], to=TensorProto.INT32)
-    node("Shape", ["attention_mask"], ["mask_shape"])
-    node("Gather", ["mask_shape", "one"], ["total_length_64"], axis=0)
-    node("Cast", ["total_length_64"], ["total_length"], to=TensorProto.INT32)
+        self.inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_1"))
+        self.inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+        self.node("ReduceSum", ["attention_mask", "axis_1"], ["mask_sum"], keepdims=0)
+        self.node("Sub", ["mask_sum", "one"], ["seqlens_k_64"])
+        self.node("Cast", ["seqlens_k_64"], ["seqlens_k"], to=TensorProto.INT32)
+        self.node("Shape", ["attention_mask"], ["mask_shape"])
+        self.node("Gather", ["mask_shape", "one"], ["total_length_64"], axis=0)
+        self.node("Cast", ["total_length_64"], ["total_length"], to=TensorProto.INT32)
 
-    node("Gather", [weight("wte", state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
-    node("Gather", [weight("wpe", state["position_embedding.weight"]), "position_ids"], ["pos"], axis=0)
-    skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
-    for i in range(L):
-        p, x = f"blocks.{i}", f"h.{i}.x"
-        linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
-        node("GroupQueryAttention",
-             [f"h.{i}.qkv", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-              "total_length"],
-             [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H, kv_num_heads=H)
-        bias = linear(f"h.{i}.attn", f"{p}.attn.proj", f"h.{i}.attn_out", bias_in_next=True)
-        skip_layer_norm(f"h.{i}.attn_out", x, f"{p}.ln_2", bias, f"h.{i}.ln_2", f"h.{i}.x2")
-        bias = linear(f"h.{i}.ln_2", f"{p}.mlp.fc", f"h.{i}.fc", bias_in_next=True)
-        node("FastGelu", [f"h.{i}.fc", *([bias] if bias else [])], [f"h.{i}.gelu"], domain=MS)
-        bias = linear(f"h.{i}.gelu", f"{p}.mlp.proj", f"h.{i}.mlp_out", bias_in_next=True)
-        last = i == L - 1
-        skip_layer_norm(f"h.{i}.mlp_out", f"h.{i}.x2", "ln_f" if last else f"blocks.{i + 1}.ln_1", bias,
-                        "final" if last else f"h.{i + 1}.ln_1", "residual_out" if last else f"h.{i + 1}.x")
-    # the LM head has its own (transposed) copy even when tied, so quantization can treat it as any MatMul
-    head = weight("lm_head.weight_t", state["lm_head.weight"].T)
-    if dtype == "float16":
-        node("MatMul", ["final", head], ["logits_16"])
-        node("Cast", ["logits_16"], ["logits"], to=TensorProto.FLOAT)
-    else:
-        node("MatMul", ["final", head], ["logits"])
+    def make_embeddings(self) -> None:
+        """Token and position embeddings, added and normed by the first block's ln_1."""
+        self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
+        self.node("Gather", [self.weight("wpe", self.state["position_embedding.weight"]), "position_ids"], ["pos"],
+                  axis=0)
+        self.make_skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
 
-    cache = ["batch", H, "max_sequence", D]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
-    inputs += [helper.make_tensor_value_info(n, elem, cache) for n in input_names(L)[3:]]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])]
-    outputs += [helper.make_tensor_value_info(n, elem, cache) for n in output_names(L)[1:]]
-    graph = helper.make_graph(nodes, "gpt_fused", inputs, outputs, inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                                   producer_name="gpt.export.fused")
-    onnx_model.ir_version = 10
-    onnx.save(onnx_model, str(path))
+    def make_attention(self, i: int) -> None:
+        """Block i's attention: packed QKV → GroupQueryAttention (cache in place) → proj, + residual, ln_2."""
+        p, H = f"blocks.{i}", self.config.num_heads
+        self.make_linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
+        self.node("GroupQueryAttention",
+                  [f"h.{i}.qkv", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                   "total_length"],
+                  [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H, kv_num_heads=H)
+        bias = self.make_linear(f"h.{i}.attn", f"{p}.attn.proj", f"h.{i}.attn_out", bias_in_next=True)
+        self.make_skip_layer_norm(f"h.{i}.attn_out", f"h.{i}.x", f"{p}.ln_2", bias, f"h.{i}.ln_2", f"h.{i}.x2")
+
+    def make_mlp(self, i: int) -> None:
+        """Block i's feed-forward: fc → FastGelu(+ bias) → proj, + residual, and the next LayerNorm
+        (the next block's ln_1, or ln_f after the last block)."""
+        p, last = f"blocks.{i}", i == self.config.num_layers - 1
+        bias = self.make_linear(f"h.{i}.ln_2", f"{p}.mlp.fc", f"h.{i}.fc", bias_in_next=True)
+        self.node("FastGelu", [f"h.{i}.fc", *([bias] if bias else [])], [f"h.{i}.gelu"], domain=MS)
+        bias = self.make_linear(f"h.{i}.gelu", f"{p}.mlp.proj", f"h.{i}.mlp_out", bias_in_next=True)
+        self.make_skip_layer_norm(f"h.{i}.mlp_out", f"h.{i}.x2", "ln_f" if last else f"blocks.{i + 1}.ln_1", bias,
+                                  "final" if last else f"h.{i + 1}.ln_1", "residual_out" if last else f"h.{i + 1}.x")
+
+    def make_head(self) -> None:
+        """The LM head, with its own (transposed) copy even when tied, so quantization can treat it as any MatMul."""
+        from onnx import TensorProto
+
+        head = self.weight("lm_head.weight_t", self.state["lm_head.weight"].T)
+        if self.dtype == "float16":
+            self.node("MatMul", ["final", head], ["logits_16"])
+            self.node("Cast", ["logits_16"], ["logits"], to=TensorProto.FLOAT)
+        else:
+            self.node("MatMul", ["final", head], ["logits"])
+
+    # --- the whole graph ---------------------------------------------------------------------------
+
+    def make_model(self):
+        """Every piece in order, and the graph's inputs and outputs under the Optimum names."""
+        from onnx import TensorProto, helper
+
+        self.make_attention_inputs()
+        self.make_embeddings()
+        for i in range(self.config.num_layers):
+            self.make_attention(i)
+            self.make_mlp(i)
+        self.make_head()
+        L, H, D = self.config.num_layers, self.config.num_heads, self.config.embedding_dim // self.config.num_heads
+        cache = ["batch", H, "max_sequence", D]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+        inputs += [helper.make_tensor_value_info(n, self.elem, cache) for n in input_names(L)[3:]]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", "sequence", self.config.vocab_size])]
+        outputs += [helper.make_tensor_value_info(n, self.elem, cache) for n in output_names(L)[1:]]
+        graph = helper.make_graph(self.nodes, "gpt_fused", inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset),
+                                                        helper.make_opsetid(MS, 1)], producer_name="gpt.export.fused")
+        model.ir_version = 10
+        return model
+
+
+def build_fused(model, path: Path, opset: int = 18, dtype: str = "float32") -> dict:
+    """Write the fused graph of `model` (a gpt.model.GPT) to `path`; returns {op: count}."""
+    import onnx
+
+    builder = FusedBuilder(model, opset, dtype)
+    onnx.save(builder.make_model(), str(path))
     ops: dict[str, int] = {}
-    for n in nodes:
+    for n in builder.nodes:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return ops
 

@@ -14,6 +14,10 @@
 A checkpoint is complete when meta.json is there and every file it lists has the recorded size;
 readers skip incomplete ones (a disk that lost the tail of a file, a folder copied in part).
 
+Readers and writers both live here: resolve_checkpoint() and load_checkpoint() read, and
+publish_checkpoint() writes (the model files and meta.json, the durable rename, the `latest` and
+`best` pointers, pruning). What every training process does around it is launch/checkpointing.py.
+
 Weights are read with safetensors and metadata with json; nothing here unpickles. (Accelerate
 reads its own state files with torch.load(weights_only=True).)
 """
@@ -21,13 +25,16 @@ reads its own state files with torch.load(weights_only=True).)
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig, model_config_from_dict
+from gpt.files import publish_folder, write_atomic
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_sha256
 
@@ -125,6 +132,46 @@ def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256(tokenizer), **meta,
             "files": files}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def publish_checkpoint(tmp: Path, final: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict,
+                       keep: int) -> None:
+    """Complete the checkpoint being built in `tmp` (which holds the resumable state already), publish it
+    durably as `final` (RUN_DIR/checkpoints/step-NNNNNN), point `latest` at it, and `best` too if its
+    validation loss, measured at this step, is the lowest yet; then keep the newest `keep` and the best."""
+    write_model_files(tmp, model, tokenizer, meta, run_config)
+    publish_folder(tmp, final, replace=True)  # fsync files and folders, then rename
+    root, run_dir = final.parent, final.parent.parent
+    write_atomic(root / "latest", final.name)
+    best = best_checkpoint(run_dir)
+    val_loss = meta.get("val_loss", math.inf)
+    if meta.get("evaluated_at") == meta.get("step") and math.isfinite(val_loss) and (
+            best is None or val_loss < read_meta(best).get("val_loss", math.inf)):
+        write_atomic(root / "best", final.name)
+        best = final
+    prune_checkpoints(run_dir, keep, best)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, best: Path | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints, never the best, and what a crash between
+    two renames left behind."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old != best:  # the best validation loss is kept however old it is
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in (Path(run_dir) / "checkpoints").glob(".step-*.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_run_config(folder: Path) -> dict:
+    """The resolved training config a checkpoint was written with (its run_config.json), as a dict."""
+    path = Path(folder) / "run_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}): use another checkpoint") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object: use another checkpoint")
+    return config
 
 
 def read_meta(folder: Path) -> dict:

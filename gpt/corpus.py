@@ -5,6 +5,7 @@
     split      with two or more documents, a document goes to val when a hash of its name falls under
                val_fraction: whole documents, the same ones on every machine and every run. A corpus
                of one document (the tutorial's single file) keeps the tutorial's split: its tail.
+               plan_split() makes the plan in a first pass, split_text() follows it in the second.
     shards     the token stream of each split in files of at most SHARD_TOKENS tokens (uint16 when
                the vocabulary fits, else uint32), read back memory-mapped as one `ShardedTokens`
 
@@ -231,3 +232,74 @@ class ShardedTokens:
             start = int(self.starts[k + 1])
             k += 1
         return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+
+@dataclass
+class SplitPlan:
+    """What the first pass over a corpus found, and which documents go to which split."""
+
+    documents: int
+    chars: int
+    chars_set: set[str]  # every character seen (collected for a char tokenizer only)
+    skipped: Skipped
+    val_fraction: float
+    split_at: int | None = None  # a corpus of one document: where its train part ends, in characters
+    force_val: str | None = None  # every split needs a document: the one moved to val ...
+    force_train: str | None = None  # ... or to train, when the hash put none there
+
+    def split_of(self, name: str) -> str:
+        if name == self.force_val:
+            return "val"
+        if name == self.force_train:
+            return "train"
+        return "val" if in_val(name, self.val_fraction) else "train"
+
+
+def plan_split(files: list[Path], root: Path, val_fraction: float, skip_bad: bool, collect_chars: bool) -> SplitPlan:
+    """The first pass: count documents and characters, collect the character set, plan the split."""
+    skipped = Skipped()
+    chars: set[str] = set()
+    n_docs = n_chars = n_val = 0
+    lowest = highest = None  # (hash, name) of the documents first and last in hash order
+    for doc in documents(files, root, skip_bad, skipped):
+        n_docs += 1
+        for chunk in doc.text_chunks:
+            n_chars += len(chunk)
+            if collect_chars:
+                chars.update(chunk)
+        n_val += in_val(doc.name, val_fraction)
+        key = (name_hash(doc.name), doc.name)
+        lowest, highest = min(lowest or key, key), max(highest or key, key)
+    if n_docs == 0:
+        raise CorpusError(f"{root} has no text to train on: {len(files)} file(s), skipped {skipped.summary()}")
+    plan = SplitPlan(n_docs, n_chars, chars, skipped, val_fraction)
+    if n_docs == 1:  # the tutorial's split: the tail of the one text
+        plan.split_at = n_chars - int(n_chars * val_fraction)
+    elif n_val == 0:
+        plan.force_val = lowest[1]
+    elif n_val == n_docs:
+        plan.force_train = highest[1]
+    return plan
+
+
+def split_text(files: list[Path], root: Path, skip_bad: bool, plan: SplitPlan) -> Iterator[tuple[str, str | None]]:
+    """(split, text chunk) for every chunk of every document, then (split, None) at each document's end."""
+    for doc in documents(files, root, skip_bad):
+        if plan.split_at is None:
+            split = plan.split_of(doc.name)
+            for chunk in doc.text_chunks:
+                yield split, chunk
+            yield split, None
+            continue
+        seen, train_ended = 0, False
+        for chunk in doc.text_chunks:
+            cut = min(max(plan.split_at - seen, 0), len(chunk))
+            if cut:
+                yield "train", chunk[:cut]
+            if cut < len(chunk):
+                if not train_ended and plan.split_at > 0:
+                    yield "train", None  # the train part ends here (mid-chunk or at a chunk's start)
+                train_ended = True
+                yield "val", chunk[cut:]
+            seen += len(chunk)
+        yield ("val" if train_ended else "train"), None

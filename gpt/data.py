@@ -1,12 +1,13 @@
 """Text in, batches of token windows out.
 
-1. Find the corpus: `data.path`, else `$GPT_DATA_DIR/tinyshakespeare/input.txt`, else the user
-   cache; if none is there, download it with requests, check its sha256 and move it into place.
-2. Tokenize it once into a uint16 file in the cache, read back memory-mapped, so a corpus larger
-   than memory works and later runs start at once.
-3. Draw batches of random windows. Which windows is a pure function of (seed, split, step, shard),
-   so a resumed run, or the same global batch split over a different number of processes, sees
-   exactly the same data.
+1. Find the corpus: `data.path` (gpt.corpus.find_files), else a named dataset (gpt.datasets: the
+   `$GPT_DATA_DIR` copy, the user cache, or a checked download).
+2. prepare(): tokenize it once into memory-mapped shards in the cache (uint16 when the vocabulary
+   fits, else uint32), keyed by the content and the tokenizer settings, so a corpus larger than
+   memory works and later runs start at once. The split follows gpt.corpus's plan.
+3. get_batch(): draw batches of random windows. Which windows is a pure function of (seed, split,
+   step, shard), so a resumed run, or the same global batch split over a different number of
+   processes, sees exactly the same data.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,97 +28,17 @@ from gpt.corpus import (
     CorpusError,
     ShardedTokens,
     ShardWriter,
-    Skipped,
-    documents,
+    SplitPlan,
     find_files,
-    in_val,
-    name_hash,
+    plan_split,
     safe_pieces,
+    split_text,
 )
-from gpt.datasets import DATASETS
-from gpt.files import fsync_path, publish_folder, waiting_lock
+from gpt.datasets import DataError, cache_dir, download, resolve_corpus  # noqa: F401  (download: gpt.data's API)
+from gpt.files import publish_folder, sha256_file, staging, waiting_lock
 from gpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 TOKENS_FORMAT = 2
-
-
-class DataError(RuntimeError):
-    """The corpus cannot be found, fetched or used. The message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where downloads and token files live: $GPT_CACHE_DIR, else $XDG_CACHE_HOME/gpt, else ~/.cache/gpt."""
-    if os.environ.get("GPT_CACHE_DIR"):
-        return Path(os.environ["GPT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str, retries: int = 3, timeout: float = 30.0) -> Path:
-    """Fetch `url` to `dest`, verified against `sha256`, written atomically (temp file + rename)."""
-    import requests  # only needed when something must be downloaded
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    last_error = ""
-    for attempt in range(1, retries + 1):
-        try:
-            response = requests.get(url, timeout=timeout)
-            response.raise_for_status()
-            body = response.content
-        except requests.RequestException as e:
-            last_error = f"{type(e).__name__}: {e}"
-            if attempt < retries:
-                time.sleep(min(2.0 ** (attempt - 1), 8.0))
-            continue
-        digest = hashlib.sha256(body).hexdigest()
-        if digest != sha256:
-            raise DataError(
-                f"downloaded {url} has sha256 {digest}, expected {sha256}: the file is corrupt or changed; "
-                f"put a good copy at {dest} by hand"
-            )
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        fsync_path(dest.parent)
-        return dest
-    raise DataError(
-        f"could not download {url} after {retries} tries ({last_error}); offline? put the file at {dest}, "
-        f"or set GPT_DATA_DIR to a folder holding tinyshakespeare/input.txt, or set data.path"
-    )
-
-
-def resolve_corpus(config: DataConfig, url: str | None = None) -> Path:
-    """The file of a named dataset (gpt.datasets): $GPT_DATA_DIR's copy, the cache's, or a download,
-    each checked against the registry's sha256."""
-    name = config.dataset
-    dataset = DATASETS[name]
-    candidates = []
-    if os.environ.get("GPT_DATA_DIR"):
-        candidates.append(Path(os.environ["GPT_DATA_DIR"]) / name / dataset.filename)
-    cached = cache_dir() / "datasets" / name / dataset.filename
-    candidates.append(cached)
-    for path in candidates:
-        if path.is_file():
-            digest = sha256_file(path)
-            if digest != dataset.sha256:
-                raise DataError(
-                    f"{path} has sha256 {digest}, expected {dataset.sha256}: "
-                    "delete it to download a fresh copy, or set data.path to use it as your own text"
-                )
-            return path
-    mirror = os.environ.get(f"GPT_{name.upper()}_URL")  # e.g. GPT_TINYSHAKESPEARE_URL, for a local mirror
-    return download(url or mirror or dataset.url, cached, dataset.sha256)
 
 
 @dataclass
@@ -197,16 +114,12 @@ def prepare(config: DataConfig, url: str | None = None, progress: bool | None = 
         key = fingerprint(files, root, config)
         entry = cache_dir() / "tokens" / key[:24]
         if not (entry / "index.json").is_file():
-            tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:
-                _build(files, root, config, tmp, progress)
+            with staging(entry) as tmp:
+                try:
+                    _build(files, root, config, tmp, progress)
+                except CorpusError as e:
+                    raise DataError(str(e)) from None
                 publish_folder(tmp, entry, replace=True)
-            except CorpusError as e:
-                raise DataError(str(e)) from None
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return _load(entry, key)
 
 
@@ -225,68 +138,9 @@ def _load(entry: Path, key: str) -> TokenizedCorpus:
     return TokenizedCorpus(tokenizer, splits["train"], splits["val"], key, index)
 
 
-def _scan(files: list[Path], root: Path, config: DataConfig) -> dict:
-    """The first pass: count documents and characters, collect the character set, plan the split."""
-    skipped = Skipped()
-    chars: set[str] = set()
-    n_docs = n_chars = n_val = 0
-    lowest = highest = None  # (hash, name) of the documents first and last in hash order
-    for doc in documents(files, root, config.skip_bad_files, skipped):
-        n_docs += 1
-        for chunk in doc.text_chunks:
-            n_chars += len(chunk)
-            if config.tokenizer == "char":
-                chars.update(chunk)
-        n_val += in_val(doc.name, config.val_fraction)
-        key = (name_hash(doc.name), doc.name)
-        lowest, highest = min(lowest or key, key), max(highest or key, key)
-    if n_docs == 0:
-        raise DataError(f"{root} has no text to train on: {len(files)} file(s), skipped {skipped.summary()}")
-    plan = {"documents": n_docs, "chars": n_chars, "chars_set": chars, "skipped": skipped,
-            "single": n_docs == 1, "force_val": None, "force_train": None}
-    if n_docs == 1:  # the tutorial's split: the tail of the one text
-        plan["split_at"] = n_chars - int(n_chars * config.val_fraction)
-    elif n_val == 0:  # every split needs a document
-        plan["force_val"] = lowest[1]
-    elif n_val == n_docs:
-        plan["force_train"] = highest[1]
-    return plan
-
-
-def _split_of(name: str, plan: dict, val_fraction: float) -> str:
-    if name == plan["force_val"]:
-        return "val"
-    if name == plan["force_train"]:
-        return "train"
-    return "val" if in_val(name, val_fraction) else "train"
-
-
-def _split_text(files, root, config, plan) -> Iterator[tuple[str, str | None]]:
-    """(split, text chunk) for every chunk of every document, then (split, None) at each document's end."""
-    for doc in documents(files, root, config.skip_bad_files):
-        if plan["single"]:
-            seen, train_ended = 0, False
-            for chunk in doc.text_chunks:
-                cut = min(max(plan["split_at"] - seen, 0), len(chunk))
-                if cut:
-                    yield "train", chunk[:cut]
-                if cut < len(chunk):
-                    if not train_ended and plan["split_at"] > 0:
-                        yield "train", None  # the train part ends here (mid-chunk or at a chunk's start)
-                    train_ended = True
-                    yield "val", chunk[cut:]
-                seen += len(chunk)
-            yield ("val" if train_ended else "train"), None
-        else:
-            split = _split_of(doc.name, plan, config.val_fraction)
-            for chunk in doc.text_chunks:
-                yield split, chunk
-            yield split, None
-
-
-def _make_tokenizer(files, root, config, plan) -> Tokenizer:
+def _make_tokenizer(files: list[Path], root: Path, config: DataConfig, plan: SplitPlan) -> Tokenizer:
     if config.tokenizer == "char":
-        return CharTokenizer(plan["chars_set"])
+        return CharTokenizer(plan.chars_set)
     if config.tokenizer_file:
         try:
             tokenizer = load_tokenizer(_tokenizer_file(config))
@@ -300,7 +154,7 @@ def _make_tokenizer(files, root, config, plan) -> Tokenizer:
 
     def train_text():  # the training split only, up to the sample budget
         used = 0
-        for split, chunk in _split_text(files, root, config, plan):
+        for split, chunk in split_text(files, root, config.skip_bad_files, plan):
             if split == "train" and chunk:
                 yield chunk
                 used += len(chunk)
@@ -311,7 +165,7 @@ def _make_tokenizer(files, root, config, plan) -> Tokenizer:
 
 def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, progress: bool | None) -> None:
     """Scan, make the tokenizer, tokenize into shards, write index.json last."""
-    plan = _scan(files, root, config)
+    plan = plan_split(files, root, config.val_fraction, config.skip_bad_files, config.tokenizer == "char")
     tokenizer = _make_tokenizer(files, root, config, plan)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     writers = {split: ShardWriter(folder, split, dtype) for split in ("train", "val")}
@@ -320,7 +174,7 @@ def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, prog
     with _Progress(total, progress) as bar:
         if isinstance(tokenizer, CharTokenizer):
             codepoints = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)  # sorted, as the ids
-            for split, chunk in _split_text(files, root, config, plan):
+            for split, chunk in split_text(files, root, config.skip_bad_files, plan):
                 if chunk is None:
                     counts[split]["documents"] += 1
                     continue
@@ -330,10 +184,10 @@ def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, prog
                 writers[split].write(np.searchsorted(codepoints, points).astype(dtype))
                 bar.advance(len(data))
         else:
-            _encode_bpe(tokenizer, _split_text(files, root, config, plan), writers, counts, bar)
+            _encode_bpe(tokenizer, split_text(files, root, config.skip_bad_files, plan), writers, counts, bar)
     for w in writers.values():
         w.close()
-    skipped = plan["skipped"]
+    skipped = plan.skipped
     index = {"format": TOKENS_FORMAT, "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
              "dtype": dtype.name, "files": len(files), "root": str(root),
              "splits": {s: {"shards": writers[s].shards, "tokens": writers[s].tokens, **counts[s]} for s in writers},
@@ -416,6 +270,15 @@ class _Progress:
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
+def require_windows(data, block_size: int, split: str) -> None:
+    """A split must hold at least one window of block_size + 1 tokens (inputs and their targets)."""
+    if len(data) <= block_size:
+        raise DataError(
+            f"the {split} split has {len(data)} tokens, not more than block_size={block_size}: "
+            "use a longer text, a smaller model.block_size or another data.val_fraction"
+        )
+
+
 def get_batch(
     data: np.ndarray, batch_size: int, block_size: int, seed: int, split: str, step: int, shard: int,
     evaluation: bool = False,
@@ -428,11 +291,7 @@ def get_batch(
     global batch of a step is the same set of windows whether it is split over 2 processes or
     accumulated in 2 micro-steps on one.
     """
-    if len(data) <= block_size:
-        raise DataError(
-            f"the {split} split has {len(data)} tokens, fewer than block_size+1={block_size + 1}: "
-            "use a longer text, a smaller model.block_size, or a different data.val_fraction"
-        )
+    require_windows(data, block_size, split)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], int(evaluation), step, shard])
     starts = rng.integers(0, len(data) - block_size, size=batch_size)
     windows = np.stack([np.asarray(data[s : s + block_size + 1], dtype=np.int64) for s in starts])

@@ -6,17 +6,28 @@ both sides of it have reached the disk. The order that makes "old or new, never 
     write every file → fsync each file → fsync its folder → rename → fsync the parent folder
 
 `publish_folder` and `write_atomic` follow it; checkpoints, the token cache and export folders
-are all written through them.
+are all written through them, each built first in a `staging()` folder beside its final place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_path(path: str | Path) -> None:
@@ -53,6 +64,25 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     fsync_path(path.parent)
 
 
+@contextlib.contextmanager
+def staging(final: str | Path, tag: str | None = None, owner: bool = True) -> Iterator[Path]:
+    """A fresh temporary folder beside `final` to build it in (`.NAME.tmp-TAG`, the process id by
+    default), removed whatever happens; publish_folder() moves a finished one into place first.
+
+    Several processes can build one folder together: each passes the same `tag`, and only the
+    `owner` creates and removes it (the others must wait until it exists)."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{tag if tag is not None else os.getpid()}")
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish_folder(tmp: str | Path, final: str | Path, replace: bool = False) -> None:
     """Move a finished folder into place durably.
 
@@ -60,8 +90,6 @@ def publish_folder(tmp: str | Path, final: str | Path, replace: bool = False) ->
     is in place, so a crash at any moment leaves the old folder or the new one whole: between the
     two renames the old one waits as `.NAME.old-PID`, and the next publish puts it back first.
     """
-    import shutil
-
     tmp, final = Path(tmp), Path(final)
     restore_aside(final)
     fsync_tree(tmp)

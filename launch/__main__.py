@@ -26,7 +26,8 @@ def run(argv: list[str] | None = None) -> int:
     from gpt.cli import run_command
     from gpt.config import ConfigError
     from gpt.data import DataError
-    from launch.train import TrainingError, main, setup
+    from launch import TrainingError
+    from launch.train import main, setup
 
     def work() -> None:
         config, start_from = setup(args.config, overrides, args.resume)

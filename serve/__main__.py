@@ -49,7 +49,8 @@ def run(argv: list[str] | None = None) -> int:
 def generate_to_stdout(args: argparse.Namespace) -> int:
     """Load the export, check every prompt, warm up, then generate, timing the first token and the rest."""
     from gpt.sampling import SamplingParams
-    from serve.runtime import OnnxModel, generate, validate_request
+    from serve.batch import validate_request
+    from serve.runtime import OnnxModel, generate
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model, tf32=args.tf32)

@@ -82,8 +82,16 @@ def read_manifest(export_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e.msg}): export again with `python -m export`") from None
-    if manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: export again")
+    return check_manifest(export_dir, manifest)
+
+
+def check_manifest(export_dir: str | Path, manifest: dict) -> dict:
+    """Check a manifest read from `export_dir`, or one held in memory while the export is being written
+    (the exporter checks each graph before manifest.json exists); returns it."""
+    path = Path(export_dir) / "manifest.json"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ExportError(f"{path} has format {found!r}, expected {FORMAT!r}: export again")
     version = manifest.get("format_version")
     if version not in READABLE_VERSIONS:
         newer = isinstance(version, int) and version > FORMAT_VERSION

@@ -18,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.runtime import Batch, Event, OnnxModel, Sequence
+from serve.batch import Event, Sequence, make_batch
+from serve.runtime import OnnxModel
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Scheduler:
 
     def __init__(self, model: OnnxModel, limits: Limits):
         self.model, self.limits = model, limits
-        self.batch = Batch(model, slots=limits.max_batch)
+        self.batch = make_batch(model, slots=limits.max_batch)
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Condition()
         self.active = 0  # sequences waiting or in the batch

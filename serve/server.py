@@ -33,14 +33,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.sampling import SamplingParams
+from serve.batch import Event, Sequence, validate_request
 from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.manifest import VARIANTS
-from serve.runtime import Event, OnnxModel, Sequence, validate_request
-from serve.scheduler import Limits, QueueFull, Request, Scheduler, SchedulerDown, Ticket, log_error
-
-# A request whose sequences the model loop has not finished this long after its deadline gets a
-# 504: the loop ends overdue sequences itself, so this only fires if the loop is stuck.
-DEADLINE_GRACE_S = 30.0
+from serve.runtime import OnnxModel
+from serve.scheduler import (
+    DEADLINE_GRACE_S,
+    Limits,
+    QueueFull,
+    Request,
+    Scheduler,
+    SchedulerDown,
+    Ticket,
+    log_error,
+)
 
 
 class CompletionRequest(BaseModel):
@@ -199,8 +205,8 @@ def encode_chunk(head: dict, event: Event) -> str:
 
 
 def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | None = None) -> FastAPI:
+    """The app: the model loop started and stopped with it, the guard, the error handlers and the routes."""
     scheduler = Scheduler(model, limits)
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -212,6 +218,14 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
     app.state.scheduler = scheduler
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
                        api_key=api_key)
+    add_error_handlers(app)
+    add_routes(app, scheduler, model, limits, model_id)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: a 400 for a malformed body, the RequestError's own status, and a
+    500 with an error id for anything else; the server goes on."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -221,11 +235,16 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
     async def refused(request, exc: RequestError):
         return exc.response()
 
-    @app.exception_handler(Exception)  # any other failure: a 500 in OpenAI's shape; the server goes on
+    @app.exception_handler(Exception)
     async def crashed(request, exc: Exception):
         error_id = log_error(f"{request.method} {request.url.path} failed: {type(exc).__name__}: {exc}", exc)
         return RequestError(500, f"internal error (error id {error_id}, in the server's log)",
                             kind="server_error").response()
+
+
+def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Limits, model_id: str) -> None:
+    """GET /health, GET /v1/models, POST /v1/completions (decode_request → predict → encode_*)."""
+    created = int(time.time())
 
     @app.get("/health")
     async def health():
@@ -244,25 +263,26 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         request = predict(scheduler, work, limits)
         head = response_head(model_id)
         if work.stream:
-            return StreamingResponse(stream(head, request), media_type="text/event-stream",
+            return StreamingResponse(stream(head, request, scheduler, limits), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async for _ in events(request, scheduler, limits, http.is_disconnected):
             pass
         return encode_response(head, request, work)
 
-    async def stream(head: dict, request: Request) -> AsyncIterator[str]:
-        pieces = events(request, scheduler, limits)
-        try:
-            async for event in pieces:
-                yield encode_chunk(head, event)
-        except RequestError as e:  # the status line is sent: end the stream with the error
-            yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n"
-            return
-        finally:
-            await pieces.aclose()  # a client gone mid-stream frees its slots now, not at garbage collection
-        yield "data: [DONE]\n\n"
 
-    return app
+async def stream(head: dict, request: Request, scheduler: Scheduler, limits: Limits) -> AsyncIterator[str]:
+    """A streaming completion's server-sent events, ending with [DONE], or with an error event once the
+    status line has gone out."""
+    pieces = events(request, scheduler, limits)
+    try:
+        async for event in pieces:
+            yield encode_chunk(head, event)
+    except RequestError as e:
+        yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n"
+        return
+    finally:
+        await pieces.aclose()  # a client gone mid-stream frees its slots now, not at garbage collection
+    yield "data: [DONE]\n\n"
 
 
 def validation_error(exc: RequestValidationError) -> RequestError:
@@ -310,15 +330,19 @@ def command_line() -> argparse.ArgumentParser:
                         help="which exported model (default auto: the fused graph if the folder has one, fp16 on "
                         "cuda; else model.onnx)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    parser.add_argument("--max-queue", type=int, default=64, help="sequences waiting or running before 429")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=1024, help="the largest max_tokens allowed")
-    parser.add_argument("--max-prompt-tokens", type=int, default=8192, help="the longest prompt, in tokens")
-    parser.add_argument("--max-request-seconds", type=float, default=300.0)
-    parser.add_argument("--read-timeout", type=float, default=15.0,
-                        help="seconds a client has to send a request's headers, and then its body (default 15)")
-    parser.add_argument("--max-connections", type=int, default=512,
-                        help="open connections; past it the longest-idle one is closed (default 512)")
+    d = Limits()  # the defaults live in one place
+    parser.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue, help="sequences waiting or running before 429")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens,
+                        help="the largest max_tokens allowed")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                        help="the longest prompt, in tokens")
+    parser.add_argument("--max-request-seconds", type=float, default=d.max_request_seconds)
+    parser.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                        help=f"seconds a client has to send a request's headers, and then its body "
+                        f"(default {d.read_timeout:g})")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help=f"open connections; past it the longest-idle one is closed (default {d.max_connections})")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY'; prefer setting $GPT_API_KEY, since a flag is "
                         "visible to every local user in the process list (default: $GPT_API_KEY, else no key)")

@@ -53,14 +53,14 @@ def test_download_bad_checksum(server, tmp_path):
 
 
 def test_download_retries_after_server_error(server, tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt.data.time.sleep", lambda s: None)
+    monkeypatch.setattr("gpt.datasets.time.sleep", lambda s: None)
     server["plan"] = [(500, b"oops"), (503, b"busy")]
     download(server["url"], tmp_path / "input.txt", SHA)
     assert server["requests"] == 3
 
 
 def test_offline_error_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr("gpt.data.time.sleep", lambda s: None)
+    monkeypatch.setattr("gpt.datasets.time.sleep", lambda s: None)
     with pytest.raises(DataError) as e:
         download("http://127.0.0.1:9/input.txt", tmp_path / "input.txt", SHA, retries=2, timeout=2)
     assert str(tmp_path / "input.txt") in str(e.value) and "GPT_DATA_DIR" in str(e.value)

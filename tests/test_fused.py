@@ -10,8 +10,10 @@ import pytest
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
+from serve.batch import Sequence, SlotBatch, make_batch
+from serve.cache import CacheBuffers
 from serve.manifest import DeviceError, ExportError, read_manifest
-from serve.runtime import Batch, CacheBuffers, OnnxModel, Sequence, SlotBatch, generate
+from serve.runtime import OnnxModel, generate
 
 
 def test_the_fused_graph_is_made_of_fused_ops_and_passed_the_gates(export_dir):
@@ -37,7 +39,7 @@ def test_the_fused_graph_is_made_of_fused_ops_and_passed_the_gates(export_dir):
 def test_slot_batch_joins_and_leaves_match_pytorch_and_never_copy_the_cache(run_dir, export_dir, monkeypatch):
     model, _, _ = load_checkpoint(run_dir)
     runtime = OnnxModel(export_dir, threads=1, variant="fused")
-    batch = Batch(runtime, slots=3)
+    batch = make_batch(runtime, slots=3)
     assert isinstance(batch, SlotBatch)
     buffers, pointers = batch.buffers, list(batch.buffers._pointers)
 
@@ -84,7 +86,7 @@ def test_more_sequences_than_slots_grow_the_buffers_once(export_dir):
     runtime = OnnxModel(export_dir, threads=1, variant="fused")
     prompts = ["ROMEO:", "JULIET:", "O", "KING HENRY:", "Nurse:\n"]
     alone = [list(generate(runtime, p, 20, SamplingParams(greedy=True)))[-1].sequence.generated for p in prompts]
-    batch = Batch(runtime, slots=2)
+    batch = make_batch(runtime, slots=2)
     batch.add([Sequence(runtime.tokenizer.encode(p), 20, SamplingParams(greedy=True), tag=i)
                for i, p in enumerate(prompts)])
     assert batch.buffers.slots == 8
@@ -138,23 +140,23 @@ def test_a_manifest_that_misdescribes_the_cache_is_refused(export_dir, tmp_path)
 
 
 def test_a_fused_graph_that_fails_parity_is_not_written(run_dir, tmp_path, monkeypatch):
-    import export.exporter as exporter
+    import export.pipeline as pipeline
 
-    real = exporter.build_fused
+    real = pipeline.build_fused
 
     def wrong(model, path, **kwargs):  # a fault in the graph writer: one weight off
         broken = copy.deepcopy(model)
         broken.blocks[1].mlp.proj.weight.data *= 1.01
         return real(broken, path, **kwargs)
 
-    monkeypatch.setattr(exporter, "build_fused", wrong)
+    monkeypatch.setattr(pipeline, "build_fused", wrong)
     with pytest.raises(ExportError, match="the fused graph and PyTorch disagree.*export without --optimize"):
-        exporter.export(run_dir, tmp_path / "out", optimize=True, log=lambda s: None)
+        pipeline.export(run_dir, tmp_path / "out", optimize=True, log=lambda s: None)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
 def test_validation_loss_is_the_same_through_either_graph(run_dir, export_dir):
-    from export.exporter import validation_loss, validation_windows
+    from export.verify import validation_loss, validation_windows
     from gpt.checkpoint import resolve_checkpoint
 
     windows, _ = validation_windows(resolve_checkpoint(run_dir, "best"), 32, 8)
@@ -184,7 +186,7 @@ def test_models_without_biases_or_with_a_tied_head_pass_the_same_gates(tmp_path,
     import torch
 
     from bench.common import VOCAB  # TinyShakespeare's characters: the run's held-out split measures int4
-    from export.exporter import export
+    from export.pipeline import export
     from gpt.checkpoint import write_model_files
     from gpt.config import ModelConfig, RunConfig
     from gpt.model import GPT

@@ -123,7 +123,7 @@ def test_resume_on_cuda_stays_close_to_a_straight_run(tmp_path, fresh_accelerate
 
 
 def test_compile_on_one_gpu_saves_a_checkpoint_that_loads_and_exports(tmp_path, fresh_accelerate):
-    from export.exporter import export
+    from export.pipeline import export
 
     train(tmp_path / "run", "--train.max_iters=20", "--train.compile=true", "--train.mixed_precision=bf16")
     load_checkpoint(tmp_path / "run")
@@ -155,7 +155,7 @@ def test_the_seed_config_in_bf16_reports_speed_memory_and_mfu(tmp_path, fresh_ac
           f"MFU {m['mfu'] if m['mfu'] is None else format(m['mfu'], '.1%')}, peak memory {memory:.2f} GiB, "
           f"val loss {m['val_loss']:.3f} at step 60")
     assert m["tokens_per_s"] > 0 and np.isfinite(m["val_loss"])
-    from launch.train import peak_flops
+    from launch.flops import peak_flops
 
     if peak_flops(torch.device("cuda"), "bf16") is not None:
         assert 0 < m["mfu"] < 1
@@ -195,7 +195,7 @@ def test_the_cuda_provider_is_really_active_and_the_cache_lives_on_the_gpu(cuda_
 
 @needs_ort_cuda
 def test_the_parity_grid_on_cuda_with_tf32_off(cuda_runtime, run_dir):
-    from export.exporter import FP32_TOLERANCE, parity_grid
+    from export.verify import FP32_TOLERANCE, parity_grid
 
     model, _, _ = load_checkpoint(run_dir)
     result = parity_grid(model, cuda_runtime)
@@ -205,7 +205,8 @@ def test_the_parity_grid_on_cuda_with_tf32_off(cuda_runtime, run_dir):
 
 @needs_ort_cuda
 def test_cuda_generation_equals_cpu_batched_padded_and_joining_mid_decode(cuda_runtime, export_dir):
-    from serve.runtime import Batch, OnnxModel, Sequence, generate
+    from serve.batch import Sequence, make_batch
+    from serve.runtime import OnnxModel, generate
 
     cpu = OnnxModel(export_dir, threads=1)
     prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
@@ -220,13 +221,14 @@ def test_cuda_generation_equals_cpu_batched_padded_and_joining_mid_decode(cuda_r
     done = {e.sequence.tag: e.sequence.generated for e in events if e.finished}
     assert [done[i] for i in range(3)] == singles
     seqs = [Sequence(cuda_runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
-    decode_joining(Batch(cuda_runtime), seqs, {0: seqs[:1], 10: seqs[1:2], 25: seqs[2:]})
+    decode_joining(make_batch(cuda_runtime), seqs, {0: seqs[:1], 10: seqs[1:2], 25: seqs[2:]})
     assert [s.generated for s in seqs] == singles
 
 
 @needs_ort_cuda
 def test_fp16_and_int8_on_cuda_are_finite_and_keep_the_validation_loss(run_dir, tmp_path):
-    from export.exporter import export, validation_loss, validation_windows
+    from export.pipeline import export
+    from export.verify import validation_loss, validation_windows
     from gpt.checkpoint import resolve_checkpoint
     from serve.runtime import OnnxModel
 
@@ -242,7 +244,7 @@ def test_fp16_and_int8_on_cuda_are_finite_and_keep_the_validation_loss(run_dir, 
 
 @pytest.fixture(scope="module")
 def fused_fp16_export(run_dir, tmp_path_factory):
-    from export.exporter import export
+    from export.pipeline import export
 
     out = tmp_path_factory.mktemp("fused") / "fp16"
     export(run_dir, out, fp16=True, optimize=True, log=lambda s: None)
@@ -251,9 +253,10 @@ def fused_fp16_export(run_dir, tmp_path_factory):
 
 @needs_ort_cuda
 def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device(fused_fp16_export, run_dir):
-    from export.exporter import shared_parity_grid, validation_loss, validation_windows
+    from export.verify import shared_parity_grid, validation_loss, validation_windows
     from gpt.checkpoint import resolve_checkpoint
-    from serve.runtime import Batch, OnnxModel, Sequence, generate
+    from serve.batch import Sequence, make_batch
+    from serve.runtime import OnnxModel, generate
 
     runtime = OnnxModel(fused_fp16_export, device="cuda", variant="auto")
     assert runtime.variant == "fused-fp16" and runtime.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -270,7 +273,7 @@ def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device
     greedy = SamplingParams(greedy=True)
     prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
     singles = [list(generate(runtime, p, 80, greedy))[-1].sequence.generated for p in prompts]
-    batch = Batch(runtime, slots=2)  # joins mid-decode; the third outgrows the two slots
+    batch = make_batch(runtime, slots=2)  # joins mid-decode; the third outgrows the two slots
     assert all(v.device_name().lower() == "cuda" for v in batch.buffers.values)
     seqs = [Sequence(runtime.tokenizer.encode(p), 80, greedy) for p in prompts]
     decode_joining(batch, seqs, {0: seqs[:1], 10: seqs[1:]})

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from conftest import BPE, ROOT, TINY, free_port, subprocess_env
 from gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt.config import ConfigError
-from launch.train import TrainingError, check_world_size, get_lr, main, setup
+from launch import TrainingError
+from launch.environment import check_world_size
+from launch.train import get_lr, main, setup
 
 
 def run(out_dir, *overrides, resume=False):
@@ -203,7 +205,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, fresh_accelerate, m
     assert "step-000020" in str(e.value)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000010", "step-000020"]
     assert latest_checkpoint(tmp_path).name == "step-000020"
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # refused before anything was written
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))  # refused before anything was written
     model, _, _ = load_checkpoint(tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -304,7 +306,7 @@ def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp
 
 
 def test_mfu_peaks_match_whole_gpu_names_only():
-    from launch.train import peak_flops_for
+    from launch.flops import peak_flops_for
 
     assert peak_flops_for("NVIDIA H100 80GB HBM3", "bf16") == 989e12  # SXM
     assert peak_flops_for("NVIDIA H100 PCIe", "bf16") == 756e12
@@ -319,7 +321,7 @@ def test_mfu_peaks_match_whole_gpu_names_only():
 def test_only_the_main_process_writes_the_grad_scaler():
     from types import SimpleNamespace
 
-    from launch.train import one_scaler_writer
+    from launch.checkpointing import one_scaler_writer
 
     scaler = object()
     for main_process, seen in ((True, scaler), (False, None)):

@@ -1,0 +1,143 @@
+"""The portable graph: the model traced by torch.onnx into standard ONNX ops, and checked.
+
+    ExportGraph      the graph's signature: named tensors in and out, in the Optimum convention
+    trace()          the dynamo exporter (TorchScript as the fallback, said in the manifest)
+    check_graph()    onnx's full checker, no `If` node, and a description of the graph for the manifest
+
+The graph has no `If` node: a zero-length past is the prefill case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gpt.model import GPT
+from serve.manifest import ExportError, input_names, output_names
+
+
+class ExportGraph(nn.Module):
+    """The graph's signature: named tensors in, named tensors out, in the Optimum convention."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        past = [(k, v) for k, v in past_key_values]
+        out = self.model(input_ids, past=past, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True)
+        return out.logits, [(k, v) for k, v in out.present]
+
+
+def example_inputs(model: GPT, batch: int, seq: int, past: int, left_pad: int = 0, seed: int = 0):
+    """Inputs for the graph: `past` cached tokens and `seq` new ones, the first `left_pad` of them padding."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask[:, :left_pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    cache = [(torch.randn(batch, c.num_heads, past, c.head_dim, generator=g),
+              torch.randn(batch, c.num_heads, past, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+    return ids, mask, positions, cache
+
+
+def trace(model: GPT, path: Path, opset: int) -> str:
+    """Trace with the dynamo exporter (TorchScript as the fallback); returns which one worked."""
+    from torch.export import Dim
+
+    L = model.config.num_layers
+    graph = ExportGraph(model).eval()
+    # example sizes for dynamic dims must not be 0 or 1, or the exporter specialises on them
+    args = example_inputs(model, batch=2, seq=3, past=4)
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
+    cache_shape = {0: batch, 2: past}
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: Dim.AUTO},  # past + sequence: related by the graph itself
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": [(cache_shape, cache_shape) for _ in range(L)],
+    }
+    names = dict(input_names=input_names(L), output_names=output_names(L))
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=True,
+                              external_data=False, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                              optimize=True, **names)
+        _name_mask_dim(path)
+        return "dynamo"
+    except Exception as e:  # the TorchScript exporter is the fallback
+        first_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for n in names["input_names"][3:]:
+        axes[n] = {0: "batch", 2: "past_sequence"}
+    for n in names["output_names"][1:]:
+        axes[n] = {0: "batch", 2: "total_sequence"}
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=False,
+                              dynamic_axes=axes, opset_version=opset, **names)
+        return f"torchscript (dynamo failed: {first_error})"
+    except Exception as e:
+        raise ExportError(f"both ONNX exporters failed: dynamo: {first_error}; torchscript: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _name_mask_dim(path: Path) -> None:
+    """Give attention_mask's length the name the exporter gave the present outputs' length."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dim = next(i for i in model.graph.input if i.name == "attention_mask").type.tensor_type.shape.dim[1]
+    old, new = dim.dim_param, "past_sequence + sequence"
+    if not old or old == new:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param == old:
+                d.dim_param = new
+    onnx.save(model, str(path))
+
+
+def check_graph(path: Path) -> dict:
+    """onnx's full checker, and the promise that prefill and decode share one graph without `If`."""
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    ops: dict[str, int] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            ops[node.op_type] = ops.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+
+    walk(model.graph)
+    if "If" in ops:
+        raise ExportError(f"{path.name} has {ops['If']} If node(s): the export must be one straight graph")
+
+    def shape(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    return {
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "inputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.input],
+        "outputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.output],
+        "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items())),
+    }
+

@@ -1,0 +1,349 @@
+"""Sequences and the batches that decode them together, one onnxruntime call per step.
+
+The server's continuous batching is this: sequences join (`add`), leave (finished: `remove`) and
+refill their window past `block_size` (the `gpt.sampling.refill_context` policy of the PyTorch
+reference) between steps. Two kinds of batch, one per kind of graph, behind one base class:
+
+- `SlotBatch`, for the fused graph (`cache: shared` in the manifest): the cache is allocated once
+  (serve/cache.py), one slot of `block_size` positions per sequence, and bound as both past and
+  present, so the attention op writes each new key and value in place. A sequence joins by
+  prefilling alone into a free slot and leaves by freeing it: nothing is copied.
+- `PaddedBatch`, for the portable graph (`cache: concat`): the graph returns a longer cache each
+  step. Sequences are left-padded: the attention mask marks real tokens, and each sequence's
+  positions count its own real tokens. Joining and leaving rebuild the cache through the host.
+
+`make_batch(model)` chooses. Either way a sequence gets the same logits in a batch as alone.
+
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gpt.sampling import SamplingParams, refill_context, sample
+from gpt.tokenizer import StreamDecoder, Tokenizer
+from serve.cache import CacheBuffers
+
+if TYPE_CHECKING:
+    from serve.runtime import OnnxModel
+
+
+def validate_request(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, limit: int,
+                     max_prompt_tokens: int = 1 << 16) -> list[int]:
+    """Token ids of a prompt, or a one-line ValueError naming what is wrong. Limits count tokens."""
+    if not isinstance(prompt, str) or prompt == "":
+        raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from 1 to {limit}")
+    ids = tokenizer.encode(prompt)
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(f"prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}: send a shorter one "
+                         "(the model sees at most its block_size of them anyway)")
+    return ids
+
+
+@dataclass
+class Sequence:
+    """One prompt being continued, with its own sampling settings and random stream."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    tag: Any = None  # the caller's handle (request id, index)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    context: list[int] = field(default_factory=list)  # tokens the cache covers, plus the one to feed next
+    decoder: StreamDecoder | None = None  # ids to complete characters (a token may end mid-character)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+        self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be forming
+
+    def accept(self, token: int, piece: str) -> None:
+        self.generated.append(token)
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        for s in self.stop:
+            at = self.text.find(s, start)
+            if at != -1:  # the stop string is not part of the completion
+                self.text = self.text[:at]
+                self.finish_reason = "stop"
+                return
+        if len(self.generated) >= self.max_new_tokens:
+            self.finish_reason = "length"
+
+    def take_text(self) -> str:
+        """The text not yet handed out, holding back a possible start of a stop string."""
+        upto = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self._hold)
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+
+@dataclass
+class Event:
+    sequence: Sequence
+    text: str  # new text (may be empty)
+    finished: bool
+
+
+class Batch(ABC):
+    """Sequences decoded together, one onnxruntime call per step: what both kinds share."""
+
+    def __init__(self, model: OnnxModel):
+        self.model = model
+        self.sequences: list[Sequence] = []
+        self.logits = np.zeros((0, model.vocab_size), dtype=np.float32)  # (B, V): next-token logits, in order
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @abstractmethod
+    def add(self, sequences: list[Sequence]) -> None:
+        """Take new sequences in; each then has its next-token logits ready."""
+
+    @abstractmethod
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        """Let sequences go (finished or abandoned), freeing what they held."""
+
+    @abstractmethod
+    def advance(self) -> None:
+        """Feed every sequence its sampled token: one model call for the whole batch."""
+
+    # --- decoding --------------------------------------------------------------------------------
+
+    # A step is emit() then advance(). Between them every remaining sequence has a sampled token
+    # waiting to be fed; outside them every sequence has its next-token logits ready, and only then
+    # may sequences be added or removed. Callers hand out emit()'s text before advance() runs the
+    # model, so a token reaches its reader without waiting for the next forward pass.
+
+    def step(self) -> list[Event]:
+        """Sample one token for every sequence, retire the finished ones, and run the model once."""
+        events = self.emit()
+        self.advance()
+        return events
+
+    def emit(self) -> list[Event]:
+        """Sample one token for every sequence and retire the finished ones."""
+        events, finished = [], []
+        tokenizer = self.model.tokenizer
+        for i, s in enumerate(self.sequences):
+            token = sample(self.logits[i], s.params, s.rng)
+            if s.decoder is None:
+                s.decoder = tokenizer.stream()
+            if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
+                s.generated.append(token)
+                s.finish_reason = "stop"
+            else:
+                s.accept(token, s.decoder.feed(token))
+            if s.finish_reason == "length":
+                s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
+            events.append(Event(s, s.take_text(), s.finish_reason is not None))
+            if s.finish_reason:
+                finished.append(s)
+            else:
+                s.context.append(token)
+        self.remove(finished)
+        return events
+
+
+class PaddedBatch(Batch):
+    """The portable graph's batch: left-padded rows, a cache that the graph extends by Concat and that
+    joining and leaving rebuild through the host."""
+
+    def __init__(self, model: OnnxModel):
+        super().__init__(model)
+        self.cache: list[Any] | None = None  # on the device, (B, H, W, D)
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (B, W): 1 where the cache holds a real token
+
+    # --- building the batch ----------------------------------------------------------------------
+
+    def _prefill(self, contexts: list[list[int]]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Run left-padded contexts from an empty cache: (host cache, mask, last logits)."""
+        width = max(len(c) for c in contexts)
+        B = len(contexts)
+        if width == 0:
+            shape = (B, self.model.num_heads, 0, self.model.head_dim)
+            return ([np.zeros(shape, np.float32) for _ in range(2 * self.model.num_layers)],
+                    np.zeros((B, 0), np.int64), np.zeros((B, self.model.vocab_size), np.float32))
+        ids = np.zeros((B, width), np.int64)
+        mask = np.zeros((B, width), np.int64)
+        for i, c in enumerate(contexts):
+            if c:
+                ids[i, width - len(c):] = c
+                mask[i, width - len(c):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        logits, present = self.model.run(ids, mask, positions, self.model.empty_cache(B))
+        return self.model.to_host(present), mask, logits[:, -1]
+
+    @staticmethod
+    def _pad_left(arrays: list[np.ndarray], mask: np.ndarray, width: int) -> tuple[list[np.ndarray], np.ndarray]:
+        extra = width - mask.shape[1]
+        if extra == 0:
+            return arrays, mask
+        padded = [np.concatenate([np.zeros((*a.shape[:2], extra, a.shape[3]), a.dtype), a], axis=2) for a in arrays]
+        return padded, np.concatenate([np.zeros((mask.shape[0], extra), mask.dtype), mask], axis=1)
+
+    def _host_state(self) -> list[np.ndarray]:
+        return self.model.to_host(self.cache) if self.cache is not None else []
+
+    def _set_state(self, host: list[np.ndarray], mask: np.ndarray) -> None:
+        # drop leading columns that are padding for every sequence, so the cache is only as wide as needed
+        keep = int(np.argmax(mask.any(axis=0))) if mask.size and mask.any() else mask.shape[1]
+        host, mask = [a[:, :, keep:] for a in host], mask[:, keep:]
+        self.cache, self.mask = (self.model.to_device(host) if self.sequences else None), mask
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill new sequences together and splice them into the batch."""
+        if not sequences:
+            return
+        for s in sequences:
+            s.context = list(s.prompt_ids[-self.model.block_size:])
+        host_new, mask_new, logits_new = self._prefill([s.context for s in sequences])
+        if self.sequences:
+            host_old, mask_old = self._host_state(), self.mask
+            width = max(mask_old.shape[1], mask_new.shape[1])
+            host_old, mask_old = self._pad_left(host_old, mask_old, width)
+            host_new, mask_new = self._pad_left(host_new, mask_new, width)
+            host = [np.concatenate([a, b], axis=0) for a, b in zip(host_old, host_new)]
+            mask = np.concatenate([mask_old, mask_new], axis=0)
+            self.logits = np.concatenate([self.logits, logits_new], axis=0)
+        else:
+            host, mask, self.logits = host_new, mask_new, logits_new
+        self.sequences += sequences
+        self._set_state(host, mask)
+
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        gone = {id(s) for s in sequences}
+        keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
+        if len(keep) == len(self.sequences):
+            return
+        host = [a[keep] for a in self._host_state()]
+        self.sequences = [self.sequences[i] for i in keep]
+        self.logits = self.logits[keep]
+        self._set_state(host, self.mask[keep])
+
+    def advance(self) -> None:
+        """Feed every sequence its sampled token: one model call for the whole batch."""
+        if not self.sequences:
+            return
+        # A sequence whose window is full restarts its cache from the last half of its context
+        # (everything but the token fed below), as the PyTorch reference does.
+        full = [i for i, s in enumerate(self.sequences) if len(s.context) > self.model.block_size]
+        if full:
+            for i in full:
+                s = self.sequences[i]
+                s.context = refill_context(s.context, self.model.block_size)
+            host, mask = self._host_state(), self.mask
+            host_new, mask_new, _ = self._prefill([self.sequences[i].context[:-1] for i in full])
+            width = max(mask.shape[1], mask_new.shape[1])
+            host, mask = self._pad_left(host, mask, width)
+            host_new, mask_new = self._pad_left(host_new, mask_new, width)
+            for j, i in enumerate(full):
+                for a, b in zip(host, host_new):
+                    a[i] = b[j]
+                mask[i] = mask_new[j]
+            self._set_state(host, mask)
+
+        ids = np.array([[s.context[-1]] for s in self.sequences], np.int64)  # (B, 1)
+        positions = np.array([[len(s.context) - 1] for s in self.sequences], np.int64)  # (B, 1)
+        mask = np.concatenate([self.mask, np.ones((len(self.sequences), 1), np.int64)], axis=1)
+        logits, self.cache = self.model.run(ids, mask, positions, self.cache)
+        self.mask, self.logits = mask, logits[:, -1]
+
+
+class SlotBatch(Batch):
+    """The fused graph's batch: each sequence owns a slot of a cache allocated once, which the graph
+    writes in place.
+
+    Joining prefills the sequence alone into the lowest free slot; leaving frees its slot; a refill
+    past block_size prefills the shortened context into the same slot. A step runs slots [0, n), n
+    one past the highest slot in use: a free slot among them decodes a dummy token at its position 0,
+    which nothing reads. Rows are right-padded: row s of the mask has a 1 for each token slot s
+    caches, and one for the token fed now.
+    """
+
+    def __init__(self, model: OnnxModel, slots: int):
+        super().__init__(model)
+        self.buffers = CacheBuffers(model, max(1, slots))
+        self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
+        self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
+        self.length = np.zeros(self.buffers.slots, np.int64)  # tokens cached in each slot
+
+    def _take_slot(self) -> int:
+        if not self.free:  # more sequences than slots: double the buffers (one copy, not per step)
+            old = self.buffers.slots
+            self.buffers = self.buffers.grown(2 * old)
+            self.free = list(range(old, 2 * old))
+            self.length = np.concatenate([self.length, np.zeros(old, np.int64)])
+        return self.free.pop(0)
+
+    def _prefill(self, slot: int, ids: list[int]) -> np.ndarray:
+        """Run `ids` alone into an empty slot, which then caches them; the last position's logits (V,)."""
+        self.length[slot] = len(ids)
+        if not ids:
+            return np.zeros(self.model.vocab_size, np.float32)
+        n = len(ids)
+        logits, _ = self.model.run(np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None],
+                                   self.buffers.view(slot, 1))
+        return logits[0, -1]
+
+    def add(self, sequences: list[Sequence]) -> None:
+        """Prefill each new sequence alone into a free slot."""
+        rows = []
+        for s in sequences:
+            s.context = list(s.prompt_ids[-self.model.block_size:])
+            self.slot_of[id(s)] = slot = self._take_slot()
+            rows.append(self._prefill(slot, s.context))
+        if rows:
+            self.sequences += sequences
+            self.logits = np.concatenate([self.logits, np.stack(rows)])
+
+    def remove(self, sequences: Iterable[Sequence]) -> None:
+        gone = {id(s) for s in sequences}
+        keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
+        if len(keep) == len(self.sequences):
+            return
+        for s in self.sequences:
+            if id(s) in gone:
+                slot = self.slot_of.pop(id(s))
+                self.length[slot] = 0
+                bisect.insort(self.free, slot)
+        self.sequences = [self.sequences[i] for i in keep]
+        self.logits = self.logits[keep]
+
+    def advance(self) -> None:
+        """Feed every sequence its sampled token: one model call for slots [0, n)."""
+        if not self.sequences:
+            return
+        block = self.model.block_size
+        for s in self.sequences:  # a full window restarts from the last half of its context, as in PyTorch
+            if len(s.context) > block:
+                s.context = refill_context(s.context, block)
+                self._prefill(self.slot_of[id(s)], s.context[:-1])
+        slots = np.array([self.slot_of[id(s)] for s in self.sequences])
+        n = int(slots.max()) + 1
+        ids = np.zeros((n, 1), np.int64)
+        ids[slots, 0] = [s.context[-1] for s in self.sequences]
+        positions = self.length[:n, None].copy()  # the fed token's position: the tokens before it
+        lengths = self.length[:n] + 1
+        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # (n, T)
+        logits, _ = self.model.run(ids, mask, positions, self.buffers.view(0, n))
+        self.length[slots] += 1
+        self.logits = logits[slots, -1]
+
+
+def make_batch(model: OnnxModel, slots: int | None = None) -> Batch:
+    """The batch for this model's graph: slots in a preallocated cache for the fused graph, a padded,
+    rebuilt cache for the portable one. `slots`: how many sequences at most (a SlotBatch grows past it)."""
+    return SlotBatch(model, slots or 1) if model.shared_cache else PaddedBatch(model)
