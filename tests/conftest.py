@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,11 +21,47 @@ if "GPT_DATA_DIR" not in os.environ and (_shared / "tinyshakespeare" / "input.tx
     os.environ["GPT_DATA_DIR"] = str(_shared)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): 2 worker processes where there are 2 cores or more, each test
+    pinned to one thread; none for the GPU tests, which measure speed and share one device.
+    PYTEST_XDIST_AUTO_NUM_WORKERS overrides it, as in pytest-xdist."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    if "gpu" in (config.option.markexpr or "").replace("not gpu", ""):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 if cores >= 2 else 0
+
+
+def session_root(tmp_path_factory) -> Path:
+    """A folder every worker of this test session shares (pytest-xdist runs the suite in 2 processes;
+    without it, this process's own temporary folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name` that `make(path)` builds, built once for the whole session: the first worker
+    to ask builds it under a lock, the others wait on the lock and then use it."""
+    from gpt.files import waiting_lock
+
+    root = session_root(tmp_path_factory)
+    path, done = root / name, root / f"{name}.done"
+    with waiting_lock(root / f"{name}.lock"):
+        if not done.exists():
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
-    """A token cache of this session's own, so tests never read a stale one."""
+    """A token cache of this session's own, so tests never read a stale one (shared by the workers:
+    gpt.data.prepare takes a lock in it, as the ranks of a run do)."""
     if "GPT_TEST_KEEP_CACHE" not in os.environ:
-        os.environ["GPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("gpt-cache"))
+        cache = session_root(tmp_path_factory) / "gpt-cache"
+        cache.mkdir(exist_ok=True)
+        os.environ["GPT_CACHE_DIR"] = str(cache)
     yield
 
 
@@ -38,15 +73,20 @@ def _torch_threads():
     yield
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Training in-process creates an Accelerator; reset its singleton state around each test."""
+def reset_accelerate() -> None:
+    """Training in-process creates an Accelerator, whose state is a process-wide singleton."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Reset Accelerate's singleton state after a test that trains in-process."""
+    yield
+    reset_accelerate()
 
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -77,40 +117,42 @@ def subprocess_env(cuda: bool = False, **extra: str) -> dict[str, str]:
 BPE = ["--data.tokenizer=bpe", "--data.vocab_size=512"]  # the tiny config with a byte-level BPE tokenizer
 
 
-def command(*args: str) -> None:
-    """Run `python -m ...` as a user would; fail the test with its output if it fails."""
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def command(module: str, *args: str) -> None:
+    """`python -m MODULE ARGS` as a user runs it, through the module's own entry point (its run(argv):
+    parsing, the work, errors as an exit code), in this process: no second interpreter and torch import
+    per call. Tests of what only a new process shows (exit codes on stderr, --help, no torch) spawn one."""
+    import importlib
+
+    run = importlib.import_module(f"{module}.__main__").run
+    try:
+        assert run(list(args)) == 0, f"python -m {module} {' '.join(args)} failed"
+    finally:
+        if module == "launch":
+            reset_accelerate()
 
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    """A tiny model trained for 40 steps by the real command line."""
-    out = tmp_path_factory.mktemp("run")
-    command("launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40")
-    return out
+    """A tiny model trained for 40 steps by the command line."""
+    return made_once(tmp_path_factory, "run", lambda out: command(
+        "launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40"))
 
 
 @pytest.fixture(scope="session")
 def export_dir(run_dir, tmp_path_factory):
-    """That run exported, with the fused graph and the int8 variants."""
-    out = tmp_path_factory.mktemp("exports") / "tiny"
-    command("export", str(run_dir), str(out), "--int8", "--optimize")
-    return out
-
+    """That run exported, with the fused graph and the int8, int4 and int8-weights variants of both graphs."""
+    return made_once(tmp_path_factory, "exports/tiny", lambda out: command(
+        "export", str(run_dir), str(out), "--int8", "--int4", "--int8-weights", "--optimize"))
 
 
 @pytest.fixture(scope="session")
 def bpe_run_dir(tmp_path_factory):
-    """A tiny byte-level BPE model trained for 40 steps by the real command line."""
-    out = tmp_path_factory.mktemp("bpe-run")
-    command("launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40", *BPE)
-    return out
+    """A tiny byte-level BPE model trained for 40 steps by the command line."""
+    return made_once(tmp_path_factory, "bpe-run", lambda out: command(
+        "launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40", *BPE))
 
 
 @pytest.fixture(scope="session")
 def bpe_export_dir(bpe_run_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bpe-exports") / "tiny-bpe"
-    command("export", str(bpe_run_dir), str(out), "--int8", "--optimize")
-    return out
+    return made_once(tmp_path_factory, "bpe-exports/tiny-bpe", lambda out: command(
+        "export", str(bpe_run_dir), str(out), "--int8", "--optimize"))

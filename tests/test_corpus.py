@@ -212,3 +212,19 @@ def test_a_split_that_falls_on_a_chunk_boundary_loses_no_text(tmp_path, monkeypa
     train, val = corpus.train[:].tolist(), corpus.val[:].tolist()
     assert train[-1] == eot and val[-1] == eot
     assert corpus.tokenizer.decode(train[:-1]) == text[:700] and corpus.tokenizer.decode(val[:-1]) == text[700:]
+
+
+def test_every_split_gets_a_document_whatever_the_hash_says(tmp_path):
+    from gpt.corpus import find_files, plan_split
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.txt").write_text(f"the text of {name}\n" * 50)
+    files, root = find_files(str(tmp_path))
+    names = ["a.txt", "b.txt", "c.txt"]
+    none_held_out = plan_split(files, root, val_fraction=1e-12, skip_bad=False, collect_chars=False)
+    assert none_held_out.force_val is not None and none_held_out.force_train is None
+    assert [none_held_out.split_of(n) for n in names].count("val") == 1
+    all_held_out = plan_split(files, root, val_fraction=1.0, skip_bad=False, collect_chars=False)
+    assert all_held_out.force_train is not None and [all_held_out.split_of(n) for n in names].count("train") == 1
+    corpus = prepare(DataConfig(path=str(tmp_path), val_fraction=1e-12), progress=False)
+    assert corpus.stats["splits"]["val"]["documents"] == 1 and corpus.stats["splits"]["train"]["documents"] == 2

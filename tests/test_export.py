@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, subprocess_env
+from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
@@ -26,9 +27,9 @@ def models(run_dir, export_dir, request):
 
 def test_export_folder_and_manifest(export_dir, run_dir):
     manifest = read_manifest(export_dir)
-    assert sorted(p.name for p in export_dir.iterdir()) == ["manifest.json", "model.fused.int8.onnx",
-                                                            "model.fused.onnx", "model.int8.onnx", "model.onnx",
-                                                            "tokenizer.json"]
+    assert sorted(p.name for p in export_dir.iterdir()) == [
+        "manifest.json", "model.fused.int4.onnx", "model.fused.int8.onnx", "model.fused.int8w.onnx", "model.fused.onnx",
+        "model.int4.onnx", "model.int8.onnx", "model.int8w.onnx", "model.onnx", "tokenizer.json"]
     assert [i["name"] for i in manifest["inputs"]] == input_names(2)
     assert [o["name"] for o in manifest["outputs"]] == output_names(2)
     assert manifest["inputs"][0]["shape"] == ["batch", "sequence"]
@@ -133,25 +134,20 @@ def test_export_refuses_to_overwrite(run_dir, export_dir):
     assert proc.returncode == 2 and "--force" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def _export(*args):
-    return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True)
-
-
 def test_force_never_replaces_the_runs_folder_or_a_folder_that_is_not_an_export(run_dir, tmp_path):
     runs = tmp_path / "runs"
     shutil.copytree(run_dir, runs / "a")
     (runs / "b").mkdir()
     before = sorted(str(p.relative_to(runs)) for p in runs.rglob("*"))
     for dest in (runs, runs / "a", runs / "a" / "checkpoints"):  # the folder above the checkpoint, or holding it
-        proc = _export(runs / "a", dest, "--force")
-        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert "holds the checkpoint" in proc.stderr or "not an export folder" in proc.stderr
+        with pytest.raises(ExportError, match="holds the checkpoint|not an export folder") as e:
+            export(runs / "a", dest, force=True, log=lambda s: None)
+        assert "\n" not in str(e.value)
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    proc = _export(runs / "a", notes, "--force")
-    assert proc.returncode == 2 and "not an export folder" in proc.stderr
+    with pytest.raises(ExportError, match="not an export folder"):
+        export(runs / "a", notes, force=True, log=lambda s: None)
     assert sorted(str(p.relative_to(runs)) for p in runs.rglob("*")) == before
     assert (notes / "todo.txt").read_text() == "mine"
 
@@ -160,17 +156,28 @@ def test_force_refuses_an_export_folder_holding_files_of_its_own(export_dir, tmp
     dest = tmp_path / "exp"
     shutil.copytree(export_dir, dest)
     (dest / "README.md").write_text("my notes")
-    proc = _export(Path(read_manifest(dest)["source"]["checkpoint"]), dest, "--force")
-    assert proc.returncode == 2 and "README.md" in proc.stderr and (dest / "README.md").is_file()
+    with pytest.raises(ExportError, match="README.md"):
+        export(Path(read_manifest(dest)["source"]["checkpoint"]), dest, force=True, log=lambda s: None)
+    assert (dest / "README.md").is_file()
 
 
-def test_force_replaces_an_earlier_export(export_dir, run_dir, tmp_path):
+def test_force_replaces_an_earlier_export_from_the_latest_checkpoint_writing_the_manifest_once(
+        export_dir, run_dir, tmp_path, monkeypatch):
     dest = tmp_path / "exp"
     shutil.copytree(export_dir, dest)
-    proc = _export(run_dir, dest, "--force")
-    assert proc.returncode == 0, proc.stderr
+    written, write_text = [], Path.write_text
+
+    def counted(self, *args, **kwargs):
+        written.append(self.name)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", counted)
+    export(run_dir, dest, force=True, checkpoint="latest", log=lambda s: None)
+    assert written.count("manifest.json") == 1
     assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]  # no int8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp or aside folder left
+    source = read_manifest(dest)["source"]
+    assert source["selected"] == "latest" and source["step"] == 40 and source["val_loss"] is not None
 
 
 def test_a_manifest_may_not_point_outside_its_folder_or_disagree_with_its_graph(export_dir, tmp_path):
@@ -259,13 +266,6 @@ def test_serving_never_imports_torch(export_dir):
     assert proc.stdout.startswith("ROMEO:")
 
 
-@pytest.mark.parametrize("module", ["launch", "export", "serve"])
-def test_help(module):
-    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and "usage:" in proc.stdout
-
-
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(export_dir, monkeypatch):
     """onnxruntime-gpu without its CUDA libraries quietly runs on the CPU: the runtime must notice."""
     import onnxruntime
@@ -285,13 +285,6 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(export_dir, monkey
     with pytest.raises(DeviceError, match="fell back to the CPU.*libcudnn"):
         OnnxModel(export_dir, device="cuda")
     OnnxModel(export_dir, device="cpu")  # the same session on the CPU is what was asked for
-
-
-def test_export_takes_the_best_or_the_latest_checkpoint(run_dir, tmp_path):
-    proc = _export(run_dir, tmp_path / "latest", "--checkpoint", "latest")
-    assert proc.returncode == 0, proc.stderr
-    source = read_manifest(tmp_path / "latest")["source"]
-    assert source["selected"] == "latest" and source["step"] == 40 and source["val_loss"] is not None
 
 
 # --- a byte-level BPE model: the same checks, and text that is always whole characters ---------------
@@ -336,12 +329,10 @@ def test_the_pytorch_reference_streams_the_same_whole_characters(bpe_export_dir,
     assert "".join(pieces) == tokenizer.decode(ids)
 
 
-def test_weight_only_variants_through_matmulnbits(run_dir, tmp_path):
+def test_weight_only_variants_through_matmulnbits(export_dir):
     import onnx
 
-    out = tmp_path / "nbits"
-    proc = _export(run_dir, out, "--int4", "--int8-weights", "--optimize")
-    assert proc.returncode == 0, proc.stderr
+    out = export_dir  # exported with --int4 --int8-weights --optimize
     manifest = read_manifest(out)
     assert manifest["files"]["int4"] == "model.int4.onnx" and manifest["files"]["int8w"] == "model.int8w.onnx"
     assert manifest["files"]["fused-int4"] == "model.fused.int4.onnx"
@@ -374,19 +365,19 @@ def test_int4_on_a_width_that_is_not_a_multiple_of_the_block_is_one_line(tmp_pat
     run.model = config
     (tmp_path / "ckpt").mkdir()
     write_model_files(tmp_path / "ckpt", GPT(config), CharTokenizer("abc"), {"step": 0}, run.to_dict())
-    proc = _export(tmp_path / "ckpt", tmp_path / "out", "--int4")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "embedding_dim is 24" in proc.stderr and "--int8" in proc.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="embedding_dim is 24.*--int8") as e:
+        export(tmp_path / "ckpt", tmp_path / "out", int4=True, log=lambda s: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("graph", ["fused", "portable"])
+@pytest.mark.parametrize("graph", ["fused", pytest.param("portable", marks=pytest.mark.slow)])
 def test_onnxruntime_genai_runs_the_export_folder_as_it_is(bpe_export_dir, bpe_run_dir, export_dir, graph, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     assert read_manifest(export_dir)["genai"]["written"] is False  # a char model: no HF tokenizer for genai
     folder = bpe_export_dir  # exported with --optimize: genai_config.json names the fused graph
     if graph == "portable":
         folder = tmp_path / "portable"
-        assert _export(bpe_run_dir, folder).returncode == 0
+        export(bpe_run_dir, folder, log=lambda s: None)
     genai = read_manifest(folder)["genai"]
     assert genai["written"] and genai["past_present_share_buffer"] == (graph == "fused")
     config = json.loads((folder / "genai_config.json").read_text())

@@ -139,6 +139,7 @@ def test_a_manifest_that_misdescribes_the_cache_is_refused(export_dir, tmp_path)
             OnnxModel(bad, variant="fused")
 
 
+@pytest.mark.slow
 def test_a_fused_graph_that_fails_parity_is_not_written(run_dir, tmp_path, monkeypatch):
     import export.pipeline as pipeline
 
@@ -181,6 +182,7 @@ def test_an_onnxruntime_that_cannot_load_the_fused_graph_says_so_in_one_line(exp
     assert OnnxModel(copy_dir, variant="fp32").variant == "fp32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias, tie", [(False, False), (True, True)], ids=["no-bias", "tied-head"])
 def test_models_without_biases_or_with_a_tied_head_pass_the_same_gates(tmp_path, bias, tie):
     import torch

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, subprocess_env
+from export.hf import export_hf
+from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError
 from gpt.hf import import_gpt2, parity_with_transformers, read_config
@@ -42,6 +44,7 @@ def test_import_matches_transformers_logits_and_greedy_tokens(hf_folder):
     assert parity["greedy_tokens"] == 100 and parity["greedy_identical"]
 
 
+@pytest.mark.slow
 def test_fine_tune_export_back_and_to_onnx(hf_folder, tmp_path, fresh_accelerate):
     run_dir = tmp_path / "run"
     config, start = setup(str(TINY), [f"--train.out_dir={run_dir}", f"--model.init_from=hf:{hf_folder}",
@@ -60,10 +63,9 @@ def test_fine_tune_export_back_and_to_onnx(hf_folder, tmp_path, fresh_accelerate
         assert torch.equal(a, b), name
 
     out = tmp_path / "hf-out"
-    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(out), "--format", "hf"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "identical: True" in proc.stdout + proc.stderr
+    printed = []
+    export_hf(run_dir, out, log=printed.append)
+    assert "identical: True" in printed[0]
     loaded, info = transformers.GPT2LMHeadModel.from_pretrained(str(out), output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     ids = torch.randint(0, 300, (2, 20))
@@ -74,9 +76,7 @@ def test_fine_tune_export_back_and_to_onnx(hf_folder, tmp_path, fresh_accelerate
     assert report["parity"]["passed"] and report["parity"]["max_rel_logit_error"] < 1e-5
 
     onnx_out = tmp_path / "onnx"
-    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(onnx_out), "--int8"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    export(run_dir, onnx_out, int8=True, log=lambda s: None)
     manifest = json.loads((onnx_out / "manifest.json").read_text())
     assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
     proc = subprocess.run([sys.executable, "-m", "serve", str(onnx_out), "--prompt", "Ça va, ROMEO?",

@@ -45,6 +45,7 @@ def test_loss_curve_png(run_dir, tmp_path):
     assert png_size(run_dir / "loss.png")  # training drew one at the end of the run too
 
 
+@pytest.mark.slow
 def test_attention_and_position_pngs(run_dir, tmp_path):
     attn, pos = tmp_path / "attn.png", tmp_path / "pos.png"
     proc = subprocess.run([sys.executable, "-m", "gpt.pictures", str(run_dir), "--text", "ROMEO: But soft",

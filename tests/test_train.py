@@ -31,6 +31,10 @@ def test_training_lowers_val_loss_and_writes_a_run_folder(tmp_path, fresh_accele
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["val_loss"] < 3.1  # from ~4.2 (ln 65) at initialisation
     assert result.metrics["val_loss"] == records[-1]["val_loss"]
+    logged = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in logged] == [10, 20, 30, 40, 50, 60]  # every log_interval
+    train_losses = [r["train_loss"] for r in logged]  # each the mean since the line before
+    assert train_losses[-1] < train_losses[0] < 4.5 and all(r["tokens_per_s"] > 0 for r in logged)
     report = json.loads((tmp_path / "run.json").read_text())
     assert report["world_size"] == 1 and report["versions"]["torch"] == torch.__version__
     assert report["config"]["model"]["embedding_dim"] == 32
@@ -59,13 +63,14 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path, fresh_accelerate):
         setup(str(TINY), [f"--train.out_dir={tmp_path}", "--model.embedding_dim=64"], resume=True)
 
 
-def test_resume_continues_to_the_same_weights(tmp_path, fresh_accelerate):
-    straight = run(tmp_path / "a", "--train.max_iters=40", "--model.dropout=0.1").model
+@pytest.mark.parametrize("tokenizer", [[], BPE], ids=["char", "bpe"])
+def test_resume_continues_to_the_same_weights(tmp_path, fresh_accelerate, tokenizer):
+    straight = run(tmp_path / "a", "--train.max_iters=40", "--model.dropout=0.1", *tokenizer).model
     # a run folder holding only the step-20 checkpoint of the same run, as a kill after it would leave
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000020", tmp_path / "b" / "checkpoints" / "step-000020")
     shutil.copy(tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl")
-    resumed = run(tmp_path / "b", "--train.max_iters=40", "--model.dropout=0.1", resume=True).model
+    resumed = run(tmp_path / "b", "--train.max_iters=40", "--model.dropout=0.1", *tokenizer, resume=True).model
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -106,9 +111,11 @@ def _launch(out_dir, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tokenizer", [[], BPE], ids=["char", "bpe"])
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, tokenizer):
-    """Kill -9 at random moments (mid-step, mid-save), resume each time: bit-identical weights."""
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
+    """Kill -9 at random moments (mid-step, mid-save), resume each time: bit-identical weights. The
+    whole path once, with the char corpus; resuming a BPE run to the same weights is
+    test_resume_continues_to_the_same_weights[bpe]."""
+    tokenizer = []
     reference = _launch(tmp_path / "ref", *tokenizer)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
     rng = random.Random(os.environ.get("PYTEST_SEED", "kill"))
@@ -210,6 +217,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, fresh_accelerate, m
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_fails_at_once_naming_the_first(tmp_path):
     first = _launch(tmp_path, "--train.max_iters=100000", "--train.checkpoint_interval=1000")
     try:
@@ -329,6 +337,20 @@ def test_only_the_main_process_writes_the_grad_scaler():
         with one_scaler_writer(accelerator):
             assert accelerator.scaler is seen
         assert accelerator.scaler is scaler
+
+
+def test_a_checkpoint_missing_a_ranks_state_is_not_published(tmp_path):
+    """On several machines without shared storage a rank's RNG file lands elsewhere: refuse to publish."""
+    from types import SimpleNamespace
+
+    from launch.checkpointing import missing_rank_states
+
+    (tmp_path / "random_states_0.pkl").write_bytes(b"")
+    two = SimpleNamespace(num_processes=2)
+    problem = missing_rank_states(two, tmp_path, tmp_path.parent / "step-000010")
+    assert "lacks random_states_1.pkl" in problem and "storage they all share" in problem
+    (tmp_path / "random_states_1.pkl").write_bytes(b"")
+    assert missing_rank_states(two, tmp_path, tmp_path.parent / "step-000010") == ""
 
 
 def test_the_best_checkpoint_is_marked_kept_and_exported_by_default(tmp_path, fresh_accelerate, monkeypatch):
