@@ -34,7 +34,7 @@ from gpt.corpus import (
     safe_pieces,
     split_text,
 )
-from gpt.datasets import DataError, cache_dir, download, resolve_corpus  # noqa: F401  (download: gpt.data's API)
+from gpt.datasets import DataError, cache_dir, resolve_corpus
 from gpt.files import publish_folder, sha256_file, staging, waiting_lock
 from gpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gpt.config import DataConfig
-from gpt.data import DataError, download, get_batch, prepare, resolve_corpus
+from gpt.data import DataError, get_batch, prepare
+from gpt.datasets import download, resolve_corpus
 
 BODY = ("To be, or not to be, that is the question:\n" * 50).encode()
 SHA = hashlib.sha256(BODY).hexdigest()
