@@ -24,10 +24,15 @@ class SamplingParams:
     top_k: int | None = None  # keep the k most likely tokens
     top_p: float | None = None  # keep the smallest set whose probability reaches top_p
     greedy: bool = False
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be from -2 to 2, as in OpenAI's API")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1, or unset")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -36,6 +41,24 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def penalize(logits: np.ndarray, counts: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """OpenAI's presence and frequency penalties: logit[j] - counts[j] * frequency_penalty - (counts[j] > 0) *
+    presence_penalty, where counts[j] is how often token j was generated so far (the prompt does not count).
+    Applied before temperature, top-k and top-p. (V,) -> (V,)"""
+    return logits - counts * params.frequency_penalty - (counts > 0) * params.presence_penalty
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log probabilities over the last axis, in float64: (..., V) -> (..., V)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

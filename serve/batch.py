@@ -27,22 +27,31 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gpt.sampling import SamplingParams, refill_context, sample
+from gpt.sampling import SamplingParams, penalize, refill_context, sample
 from gpt.tokenizer import StreamDecoder, Tokenizer
 from serve.cache import CacheBuffers
+from serve.scoring import TokenLogprob, logprob_entry
 
 if TYPE_CHECKING:
     from serve.runtime import OnnxModel
 
 
-def validate_request(tokenizer: Tokenizer, prompt: str, max_new_tokens: int, limit: int,
-                     max_prompt_tokens: int = 1 << 16) -> list[int]:
-    """Token ids of a prompt, or a one-line ValueError naming what is wrong. Limits count tokens."""
-    if not isinstance(prompt, str) or prompt == "":
+def validate_request(tokenizer: Tokenizer, prompt: str | list[int], max_new_tokens: int, limit: int,
+                     max_prompt_tokens: int = 1 << 16, allow_zero: bool = False) -> list[int]:
+    """Token ids of a prompt (text, or token ids as OpenAI's API takes them), or a one-line ValueError
+    naming what is wrong. Limits count tokens; `allow_zero` lets max_new_tokens be 0 (echo scoring)."""
+    if isinstance(prompt, list):
+        vocab = tokenizer.vocab_size
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"a prompt of token ids must be a non-empty list of integers from 0 to {vocab - 1}")
+        ids = list(prompt)
+    elif not isinstance(prompt, str) or prompt == "":
         raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= limit:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from 1 to {limit}")
-    ids = tokenizer.encode(prompt)
+    low = 0 if allow_zero else 1
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not low <= max_new_tokens <= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from {low} to {limit}")
+    if not isinstance(prompt, list):
+        ids = tokenizer.encode(prompt)
     if len(ids) > max_prompt_tokens:
         raise ValueError(f"prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}: send a shorter one "
                          "(the model sees at most its block_size of them anyway)")
@@ -65,10 +74,29 @@ class Sequence:
     finish_reason: str | None = None  # "stop" or "length" once finished
     context: list[int] = field(default_factory=list)  # tokens the cache covers, plus the one to feed next
     decoder: StreamDecoder | None = None  # ids to complete characters (a token may end mid-character)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives (None: off)
+    score_prompt: bool = False  # score the prompt's tokens too (echo with logprobs), into prompt_scores
+    prompt_scores: Any = None  # serve.scoring.TokenScores of the prompt, when score_prompt
+    entries: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when logprobs is set
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be forming
+        self.counts: np.ndarray | None = None  # how often each token was generated, for the penalties
+
+    def choose(self, logits: np.ndarray, tokenizer: Tokenizer) -> int:
+        """The next token from a (V,) row of the model's logits: penalties, then sampling; its logprob
+        entry (from the raw logits) when asked for."""
+        row = logits
+        if self.params.penalized:
+            self.counts = np.zeros(len(logits)) if self.counts is None else self.counts
+            row = penalize(logits, self.counts, self.params)
+        token = sample(row, self.params, self.rng)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.logprobs is not None:
+            self.entries.append(logprob_entry(tokenizer, logits, token, self.logprobs, len(self.text)))
+        return token
 
     def accept(self, token: int, piece: str) -> None:
         self.generated.append(token)
@@ -95,6 +123,7 @@ class Event:
     sequence: Sequence
     text: str  # new text (may be empty)
     finished: bool
+    logprob: TokenLogprob | None = None  # the step's token, when the sequence asked for logprobs
 
 
 class Batch(ABC):
@@ -120,6 +149,10 @@ class Batch(ABC):
     def advance(self) -> None:
         """Feed every sequence its sampled token: one model call for the whole batch."""
 
+    @abstractmethod
+    def cache_bytes_in_use(self) -> int:
+        """Bytes of KV cache the batch's sequences hold now."""
+
     # --- decoding --------------------------------------------------------------------------------
 
     # A step is emit() then advance(). Between them every remaining sequence has a sampled token
@@ -138,7 +171,7 @@ class Batch(ABC):
         events, finished = [], []
         tokenizer = self.model.tokenizer
         for i, s in enumerate(self.sequences):
-            token = sample(self.logits[i], s.params, s.rng)
+            token = s.choose(self.logits[i], tokenizer)
             if s.decoder is None:
                 s.decoder = tokenizer.stream()
             if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
@@ -148,7 +181,8 @@ class Batch(ABC):
                 s.accept(token, s.decoder.feed(token))
             if s.finish_reason == "length":
                 s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
-            events.append(Event(s, s.take_text(), s.finish_reason is not None))
+            events.append(Event(s, s.take_text(), s.finish_reason is not None,
+                                s.entries[-1] if s.logprobs is not None else None))
             if s.finish_reason:
                 finished.append(s)
             else:
@@ -233,6 +267,10 @@ class PaddedBatch(Batch):
         self.logits = self.logits[keep]
         self._set_state(host, self.mask[keep])
 
+    def cache_bytes_in_use(self) -> int:
+        B, W = self.mask.shape
+        return B * W * self.model.cache_bytes(1) // self.model.block_size
+
     def advance(self) -> None:
         """Feed every sequence its sampled token: one model call for the whole batch."""
         if not self.sequences:
@@ -279,6 +317,9 @@ class SlotBatch(Batch):
         self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
         self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
         self.length = np.zeros(self.buffers.slots, np.int64)  # tokens cached in each slot
+
+    def cache_bytes_in_use(self) -> int:
+        return len(self.slot_of) * self.model.cache_bytes(1)
 
     def _take_slot(self) -> int:
         if not self.free:  # more sequences than slots: double the buffers (one copy, not per step)

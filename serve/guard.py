@@ -4,10 +4,11 @@
                       within `read_timeout` of opening (or of its previous response) or it is
                       closed, and past `max_connections` the connection idle the longest is shed
                       first, so slow or half-sent requests cannot starve /health or real clients.
-    RequestGuard      ASGI middleware: the API key, then the body, counted as it arrives (not as
-                      Content-Length claims) and cut off at `max_body_bytes` (413) or when it does
-                      not arrive within `read_timeout` (408). A request that carries both
-                      Content-Length and Transfer-Encoding is refused (400): the two can disagree.
+    RequestGuard      ASGI middleware: the API key (GET /health and /metrics may go without), then
+                      the body, counted as it arrives (not as Content-Length claims) and cut off at
+                      `max_body_bytes` (413) or when it does not arrive within `read_timeout` (408).
+                      A request that carries both Content-Length and Transfer-Encoding is refused
+                      (400): the two can disagree.
 
 Imports no torch.
 """
@@ -86,14 +87,17 @@ class ConnectionGuard(H11Protocol):
 class RequestGuard:
     """ASGI middleware: authenticate, then read the body within bounds and hand it on whole."""
 
-    def __init__(self, app, max_body_bytes: int, read_timeout: float, api_key: str | None = None):
+    def __init__(self, app, max_body_bytes: int, read_timeout: float, api_key: str | None = None,
+                 open_paths: frozenset[str] | set[str] = frozenset()):
         self.app, self.max_body_bytes, self.read_timeout, self.api_key = app, max_body_bytes, read_timeout, api_key
+        self.open_paths = frozenset(open_paths)  # GET paths that answer without the key (/health, /metrics)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None:
+        keyless = scope["method"] == "GET" and scope["path"] in self.open_paths
+        if self.api_key is not None and not keyless:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return await _reply(send, 401, "missing or wrong API key: send 'Authorization: Bearer KEY'",

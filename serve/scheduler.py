@@ -20,6 +20,7 @@ from typing import Any
 
 from serve.batch import Event, Sequence, make_batch
 from serve.runtime import OnnxModel
+from serve.scoring import Scorer
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     deadline: float = 0.0
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Scheduler:
     def __init__(self, model: OnnxModel, limits: Limits):
         self.model, self.limits = model, limits
         self.batch = make_batch(model, slots=limits.max_batch)
+        self.scorer = Scorer(model)  # the prompts' logprobs, for echo
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Condition()
         self.active = 0  # sequences waiting or in the batch
@@ -129,6 +132,18 @@ class Scheduler:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
+    def _admit(self, sequences: list[Sequence]) -> list[Event]:
+        """Score the prompts that asked for it (echo with logprobs), finish those that want no new
+        token, prefill the others into the batch; the finished ones' events."""
+        for s in sequences:
+            if s.score_prompt:
+                s.prompt_scores = self.scorer.score(s.prompt_ids, top=s.logprobs or 0)
+        done = [s for s in sequences if s.max_new_tokens == 0]
+        for s in done:
+            s.finish_reason = "length"
+        self.batch.add([s for s in sequences if s.max_new_tokens > 0])
+        return [Event(s, "", True) for s in done]
+
     def _run(self) -> None:
         admit: list[Sequence] = []
         try:
@@ -149,12 +164,12 @@ class Scheduler:
                         self._deliver(s, Event(s, s.take_text(), True))
                 self.batch.remove(dropped)
                 gone = [s for s in admit if s.tag.request.cancelled]  # abandoned while waiting
-                self.batch.add([s for s in admit if not s.tag.request.cancelled])
+                scored = self._admit([s for s in admit if not s.tag.request.cancelled])
                 released = len(dropped) + len(gone)
-                events = self.batch.emit() if len(self.batch) else []
+                events = scored + (self.batch.emit() if len(self.batch) else [])
                 finished = sum(event.finished for event in events)
                 # hand out the text before the next forward pass
-                self._deliver_step([event for event in events if event.text or event.finished])
+                self._deliver_step([event for event in events if event.text or event.finished or event.logprob])
                 self.batch.advance()
                 with self.lock:
                     self.active -= finished + released

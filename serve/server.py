@@ -5,11 +5,16 @@
 A request goes through three steps, each a function that can be read and tested alone:
 
     decode_request   the JSON body to `Work` (token ids, sampling settings, seeds), or a RequestError
-    predict          `Work` into the model loop (serve.scheduler), and its events back
+                     (serve/protocol.py)
+    predict          `Work` into the model loop (serve/scheduler.py), and its events back
     encode_*         events to an OpenAI `text_completion` object, or to server-sent events
+                     (serve/protocol.py)
 
-Streaming and non-streaming share the first two. FastAPI and uvicorn carry HTTP and validation;
-serve.guard bounds connections, time and bytes; the model runs in serve.scheduler's thread.
+Streaming and non-streaming share the first two. Beside /v1/completions: GET /v1/models, GET /health,
+GET /metrics (serve/metrics.py), and POST /tokenize, POST /detokenize and GET /tokenizer_info in
+vLLM's shape (llama.cpp's `content` is accepted too), which evaluation clients use. FastAPI and
+uvicorn carry HTTP and validation; serve/guard.py bounds connections, time and bytes; the model
+runs in the scheduler's thread.
 
 Imports no torch.
 """
@@ -18,24 +23,33 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 
-from gpt.sampling import SamplingParams
-from serve.batch import Event, Sequence, validate_request
+from gpt.tokenizer import EOT
+from serve.batch import Event
 from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.manifest import VARIANTS
+from serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from serve.protocol import (
+    CompletionRequest,
+    RequestError,
+    Work,
+    decode_request,
+    encode_chunk,
+    encode_response,
+    encode_usage_chunk,
+    prompt_entries,
+    response_head,
+)
 from serve.runtime import OnnxModel
 from serve.scheduler import (
     DEADLINE_GRACE_S,
@@ -49,88 +63,10 @@ from serve.scheduler import (
 )
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request this server understands; any other field is an error.
-    Bounds that depend on the server's limits are checked by decode_request."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    stream: bool = False
-    user: str | None = None  # accepted and ignored, as by OpenAI's server
-
-
-class RequestError(Exception):
-    """A request the server answers with an error: the status, and the body's message and fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.kind, self.param, self.code), status_code=self.status)
-
-
-@dataclass
-class Work:
-    """A decoded request: what the model loop needs."""
-
-    ids: list[list[int]]  # token ids of each prompt
-    n: int  # completions per prompt
-    max_tokens: int
-    params: SamplingParams
-    stops: list[str]
-    seed: int  # the n-th completion of a prompt uses seed + n
-    stream: bool
-
-
-def decode_request(body: CompletionRequest, model: OnnxModel, limits: Limits, model_id: str) -> Work:
-    """Check a parsed body against this server's model and limits; turn its prompts into token ids."""
-    if body.model not in (None, model_id):
-        raise RequestError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
-                           "model", code="model_not_found")
-    if body.max_tokens > limits.max_new_tokens:
-        raise RequestError(400, f"max_tokens: must be at most {limits.max_new_tokens}", "max_tokens")
-    if body.n > limits.max_n:
-        raise RequestError(400, f"n: must be at most {limits.max_n}", "n")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or len(prompts) > limits.max_prompts:
-        raise RequestError(400, f"prompt must be a string or a list of 1 to {limits.max_prompts} strings", "prompt")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise RequestError(400, "stop must be up to 4 non-empty strings", "stop")
-    if len(prompts) * body.n > limits.max_queue:  # would never fit, however long the client waited
-        raise RequestError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} sequences, over "
-                           f"this server's limit of {limits.max_queue}: send fewer prompts or a smaller n", "n")
-    try:
-        params = SamplingParams(temperature=body.temperature, top_k=body.top_k,
-                                top_p=None if body.top_p == 1.0 else body.top_p)
-    except ValueError as e:
-        raise RequestError(400, str(e)) from None
-    try:
-        ids = [validate_request(model.tokenizer, p, body.max_tokens, limits.max_new_tokens, limits.max_prompt_tokens)
-               for p in prompts]
-    except ValueError as e:
-        raise RequestError(400, str(e), "prompt") from None
-    seed = body.seed if body.seed is not None else secrets.randbits(63)
-    return Work(ids, body.n, body.max_tokens, params, stops, seed, body.stream)
-
-
 def make_request(work: Work, limits: Limits) -> Request:
     """The model loop's view of the work: one sequence per prompt and completion, each with its ticket."""
     request = Request([], asyncio.get_running_loop(), deadline=time.monotonic() + limits.max_request_seconds)
-    for i, ids in enumerate(work.ids):
-        for j in range(work.n):
-            ticket = Ticket(request, i * work.n + j)
-            request.sequences.append(Sequence(ids, work.max_tokens, work.params, work.seed + j, work.stops, tag=ticket))
+    request.sequences = work.sequences(lambda index: Ticket(request, index))
     return request
 
 
@@ -157,11 +93,12 @@ def seconds_left(request: Request) -> float:
     return max(0.0, request.deadline + DEADLINE_GRACE_S - time.monotonic())
 
 
-async def events(request: Request, scheduler: Scheduler, limits: Limits,
+async def events(request: Request, scheduler: Scheduler, limits: Limits, metrics: ServerMetrics | None = None,
                  disconnected=None) -> AsyncIterator[Event]:
     """The request's events until every sequence has finished; raises RequestError if the loop fails,
     stalls past the deadline, or (when `disconnected` is given) the client goes away."""
     remaining = len(request.sequences)
+    timer = RequestTimer(metrics, request)
     try:
         while remaining:
             try:
@@ -176,37 +113,20 @@ async def events(request: Request, scheduler: Scheduler, limits: Limits,
             if event is None:
                 raise loop_failed(scheduler)
             remaining -= event.finished
+            if event.text or event.logprob is not None:
+                timer.token(event.sequence)
             yield event
     finally:
         request.cancelled = remaining > 0  # the client went away or the wait gave up: free its slots
+        timer.end(request, request.cancelled)
 
 
-def response_head(model_id: str) -> dict:
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": model_id}
-
-
-def encode_response(head: dict, request: Request, work: Work) -> dict:
-    """The whole completion, once every sequence has finished."""
-    choices = [{"text": s.text, "index": s.tag.index, "logprobs": None, "finish_reason": s.finish_reason}
-               for s in request.sequences]
-    prompt_tokens = sum(len(p) for p in work.ids)
-    completion_tokens = sum(len(s.generated) for s in request.sequences)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
-    return {**head, "choices": choices, "usage": usage}
-
-
-def encode_chunk(head: dict, event: Event) -> str:
-    """One server-sent event: a piece of one choice's text."""
-    reason = event.sequence.finish_reason if event.finished else None
-    choice = {"text": event.text, "index": event.sequence.tag.index, "logprobs": None, "finish_reason": reason}
-    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-
-def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The app: the model loop started and stopped with it, the guard, the error handlers and the routes."""
+def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | None = None,
+               private_metrics: bool = False) -> FastAPI:
+    """The app: the model loop started and stopped with it, the guard, the error handlers and the routes.
+    /health and /metrics answer without the API key, unless `private_metrics` puts /metrics behind it."""
     scheduler = Scheduler(model, limits)
+    metrics = ServerMetrics(scheduler, limits.max_batch)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -215,11 +135,14 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
         scheduler.stop()
 
     app = FastAPI(title="gpt completions", version="1", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+    open_paths = {"/health"} | (set() if private_metrics else {"/metrics"})
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
-                       api_key=api_key)
+                       api_key=api_key, open_paths=open_paths)
+    app.add_middleware(metrics.middleware)  # outermost: counts the guard's refusals too
     add_error_handlers(app)
     add_routes(app, scheduler, model, limits, model_id)
+    add_tokenizer_routes(app, model, model_id)
     return app
 
 
@@ -243,8 +166,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Limits, model_id: str) -> None:
-    """GET /health, GET /v1/models, POST /v1/completions (decode_request → predict → encode_*)."""
+    """GET /health, /v1/models, /metrics; POST /v1/completions (decode_request → predict → encode_*)."""
     created = int(time.time())
+    metrics: ServerMetrics = app.state.metrics
 
     @app.get("/health")
     async def health():
@@ -255,7 +179,11 @@ def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Lim
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "gpt"}]}
+                                            "owned_by": "gpt", "max_model_len": model.block_size}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -263,25 +191,78 @@ def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Lim
         request = predict(scheduler, work, limits)
         head = response_head(model_id)
         if work.stream:
-            return StreamingResponse(stream(head, request, scheduler, limits), media_type="text/event-stream",
+            return StreamingResponse(stream(head, request, work, scheduler, limits, model, metrics),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in events(request, scheduler, limits, http.is_disconnected):
+        async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
             pass
-        return encode_response(head, request, work)
+        return encode_response(head, model.tokenizer, request.sequences, work)
 
 
-async def stream(head: dict, request: Request, scheduler: Scheduler, limits: Limits) -> AsyncIterator[str]:
-    """A streaming completion's server-sent events, ending with [DONE], or with an error event once the
-    status line has gone out."""
-    pieces = events(request, scheduler, limits)
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None  # vLLM's name
+    content: str | None = None  # llama.cpp's name
+    add_special_tokens: bool = False  # accepted: the model has no special tokens to add
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
+def add_tokenizer_routes(app: FastAPI, model: OnnxModel, model_id: str) -> None:
+    """POST /tokenize, POST /detokenize, GET /tokenizer_info: the model's own tokenizer over HTTP, as vLLM
+    serves it (lm-evaluation-harness's remote tokenizer uses these); llama.cpp's `content` works too."""
+    tokenizer = model.tokenizer
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        text = body.prompt if body.prompt is not None else body.content
+        if text is None:
+            raise RequestError(400, "give the text to tokenize as 'prompt' (or 'content')", "prompt")
+        tokens = tokenizer.encode(text)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise RequestError(400, f"token {bad[0]} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
+                               "tokens")
+        text = tokenizer.decode(body.tokens)
+        return {"prompt": text, "content": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eot = EOT if tokenizer.eot_id is not None else None
+        return {"tokenizer_class": f"gpt.{tokenizer.kind}", "model": model_id, "vocab_size": tokenizer.vocab_size,
+                "model_max_length": model.block_size, "eos_token": eot, "bos_token": eot, "pad_token": eot}
+
+
+async def stream(head: dict, request: Request, work: Work, scheduler: Scheduler, limits: Limits, model: OnnxModel,
+                 metrics: ServerMetrics) -> AsyncIterator[str]:
+    """A streaming completion's server-sent events, ending with the usage (if asked for) and [DONE], or
+    with an error event once the status line has gone out."""
+    pieces = events(request, scheduler, limits, metrics)
+    shifts: dict[int, int] = {}  # id(sequence) -> length of its echoed prompt, sent in its first chunk
     try:
         async for event in pieces:
-            yield encode_chunk(head, event)
+            s = event.sequence
+            prompt = ("", [])
+            if id(s) not in shifts:
+                prompt = prompt_entries(model.tokenizer, s) if work.echo else ("", [])
+                shifts[id(s)] = len(prompt[0])
+            yield encode_chunk(head, event, work, prompt, shifts[id(s)])
     except RequestError as e:
         yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n"
         return
     finally:
         await pieces.aclose()  # a client gone mid-stream frees its slots now, not at garbage collection
+    if work.include_usage:
+        yield encode_usage_chunk(head, work, request.sequences)
     yield "data: [DONE]\n\n"
 
 
@@ -315,8 +296,9 @@ def check_limits(args: argparse.Namespace) -> str:
 def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serve.server",
-        description="Serve an export folder over an OpenAI-compatible HTTP API (POST /v1/completions, "
-        "GET /v1/models, GET /health) with onnxruntime and continuous batching.",
+        description="Serve an export folder over an OpenAI-compatible HTTP API (POST /v1/completions with "
+        "logprobs and echo, GET /v1/models, GET /health, GET /metrics, POST /tokenize and /detokenize) with "
+        "onnxruntime and continuous batching.",
         epilog="Example: python -m serve.server exports/shakespeare_char_cpu --port 8000",
     )
     parser.add_argument("export_dir")
@@ -346,6 +328,8 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY'; prefer setting $GPT_API_KEY, since a flag is "
                         "visible to every local user in the process list (default: $GPT_API_KEY, else no key)")
+    parser.add_argument("--private-metrics", action="store_true",
+                        help="put GET /metrics behind --api-key too (by default it answers without a key, as /health)")
     parser.add_argument("--model-id", default=None, help="the name clients use (default: the export folder's)")
     return parser
 
@@ -379,7 +363,7 @@ def run(argv: list[str] | None = None) -> int:
                     read_timeout=args.read_timeout,
                     max_connections=args.max_connections)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
-    app = create_app(model, limits, model_id, api_key)
+    app = create_app(model, limits, model_id, api_key, private_metrics=args.private_metrics)
     cache = ""
     if model.shared_cache:  # allocated once, when the model loop starts
         cache = (f"; a KV cache of {limits.max_batch} slots x {model.block_size} positions, "

@@ -1,0 +1,256 @@
+"""Judging a model from outside: logprobs and echo in the API, serve.evaluate, /metrics, the tokenizer
+endpoints, and clients no one here wrote (the openai SDK, lm-evaluation-harness, prometheus_client)."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import ROOT, subprocess_env
+from gpt.checkpoint import load_checkpoint
+from gpt.sampling import SamplingParams, log_softmax, penalize
+from serve.evaluate import evaluate, scored_text
+from serve.runtime import OnnxModel, generate
+from serve.scoring import Scorer
+from test_server import complete, start_server
+
+TEXT = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:3000]
+
+
+@pytest.fixture(scope="module")
+def server(export_dir):
+    """The char model's server, on its default (fused) graph."""
+    proc, url = start_server(export_dir)
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def bpe_server(bpe_export_dir):
+    proc, url = start_server(bpe_export_dir, "--model", "fp32")
+    yield url, proc
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "sample.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+# --- scoring: rolling windows equal to the PyTorch model's own log-probabilities --------------------
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_rolling_windows_score_each_token_once_as_pytorch_does(run_dir, export_dir, stride):
+    model, tokenizer, _ = load_checkpoint(run_dir)
+    T = model.config.block_size
+    ids = tokenizer.encode(TEXT[:100])  # 100 tokens: several windows of 32
+    scores = Scorer(OnnxModel(export_dir, threads=1)).score(ids, stride=stride)
+    assert scores.logprobs.shape == (99,)
+    expected = np.zeros(99)
+    step, scored, start = stride or T, 0, 0
+    while scored < 99:  # the windows written out by hand, each read by PyTorch from position 0
+        end = min(start + T, 99)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[start:end]])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        for t in range(scored + 1, end + 1):
+            expected[t - 1] = lp[t - start - 1, ids[t]].item()
+        scored, start = end, start + step
+    np.testing.assert_allclose(scores.logprobs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fused_graph_scores_as_the_portable_one(export_dir):
+    ids = OnnxModel(export_dir).tokenizer.encode(TEXT[:300])
+    portable = Scorer(OnnxModel(export_dir, threads=1)).score(ids, top=3)
+    fused = Scorer(OnnxModel(export_dir, threads=1, variant="fused")).score(ids, top=3)
+    np.testing.assert_allclose(fused.logprobs, portable.logprobs, atol=1e-4)
+    assert [t[0][0] for t in fused.top] == [t[0][0] for t in portable.top]
+
+
+def test_penalties_follow_openai_and_logprobs_come_before_them():
+    logits, counts = np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 3.0])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    np.testing.assert_allclose(penalize(logits, counts, params), [1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5])
+    with pytest.raises(ValueError, match="frequency_penalty=3"):
+        SamplingParams(frequency_penalty=3)
+    np.testing.assert_allclose(np.exp(log_softmax(logits)).sum(), 1.0)
+
+
+# --- serve.evaluate ----------------------------------------------------------------------------------
+
+def test_evaluate_command_scores_every_variant_without_torch(export_dir, text_file, tmp_path):
+    out = tmp_path / "figures.json"
+    code = ("import sys, runpy; sys.modules['torch'] = None\n"
+            f"sys.argv = ['evaluate', {str(export_dir)!r}, '--text', {str(text_file)!r}, '--json', {str(out)!r}, "
+            "'--threads', '1']\n"
+            "try:\n    runpy.run_module('serve.evaluate', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:3] == ["model", "tokens", "nats/token"]
+    report = json.loads(out.read_text())
+    variants = report["variants"]
+    assert list(variants)[0] == "fp32" and set(variants) == set(json.loads((export_dir / "manifest.json").read_text())
+                                                                 ["files"])
+    fp32 = variants["fp32"]
+    assert fp32["tokens"] == len(TEXT) - 1 and fp32["bytes"] == len(TEXT[1:].encode())  # a char model
+    assert math.isclose(fp32["perplexity"], math.exp(fp32["nats_per_token"]))
+    assert math.isclose(fp32["bits_per_byte"], fp32["nats"] / math.log(2) / fp32["bytes"])
+    assert abs(variants["fused"]["change_nats_per_token"]) < 1e-4
+    assert abs(variants["int4"]["change_nats_per_token"]) < 0.1 and variants["int4"]["tokens_per_s"] > 0
+    bad = subprocess.run([sys.executable, "-m", "serve.evaluate", str(export_dir), "--text", str(text_file),
+                          "--model", "int3"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--model int3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- the API: echo and logprobs are the model's own, and equal serve.evaluate's -----------------------
+
+def test_echo_with_logprobs_gives_what_serve_evaluate_gives(bpe_server, bpe_export_dir, text_file):
+    url, _ = bpe_server
+    report = evaluate(bpe_export_dir, str(text_file), "fp32", log=lambda s: None)["variants"]["fp32"]
+    tokenizer = OnnxModel(bpe_export_dir).tokenizer
+    ids, _ = scored_text(tokenizer, TEXT)
+    assert len(ids) > 4 * 32  # longer than the model's window: scored in rolling windows
+    body = complete(url, prompt=ids, max_tokens=0, echo=True, logprobs=1).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert len(logprobs["tokens"]) == len(ids) and body["usage"]["completion_tokens"] == 0
+    total = -sum(logprobs["token_logprobs"][1:])
+    assert math.isclose(total, report["nats"], rel_tol=1e-6), (total, report["nats"])
+    assert body["choices"][0]["text"] == TEXT and logprobs["tokens"][0] == "<|endoftext|>"
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def test_logprobs_are_the_raw_distribution_in_streams_and_whole_responses(server):
+    url, _ = server
+    body = complete(url, prompt="ROMEO:", max_tokens=12, temperature=0, logprobs=3, seed=1).json()
+    choice = body["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == 12
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 3 and top[token] == logprob == max(top.values())  # greedy takes the most likely
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(12)]
+    hot = complete(url, prompt="ROMEO:", max_tokens=12, temperature=5.0, logprobs=0, seed=1).json()["choices"][0]
+    for logprob, top in zip(hot["logprobs"]["token_logprobs"], hot["logprobs"]["top_logprobs"]):
+        assert list(top.values()) == [logprob]  # logprobs=0: the chosen token alone
+    # the reported logprob ignores temperature: the same tokens score the same, whatever was sampled
+    rescored = complete(url, prompt="ROMEO:" + hot["text"], max_tokens=0, echo=True, logprobs=0).json()
+    echoed = rescored["choices"][0]["logprobs"]["token_logprobs"][len("ROMEO:"):]
+    np.testing.assert_allclose(echoed, hot["logprobs"]["token_logprobs"], atol=1e-5)
+    streamed = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0,
+                                                            "logprobs": 3, "seed": 1, "stream": True,
+                                                            "stream_options": {"include_usage": True}}, stream=True)
+    chunks = [json.loads(line[6:]) for line in streamed.iter_lines(decode_unicode=True) if line.startswith("data: {")]
+    tokens = [t for c in chunks if c["choices"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert tokens == lp["tokens"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+
+
+def test_penalties_change_the_text_as_the_runtime_does(server, export_dir):
+    url, _ = server
+    runtime = OnnxModel(export_dir, threads=1, variant="auto")
+    params = SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
+    expected = "".join(e.text for e in generate(runtime, "ROMEO:", 40, params, 0))
+    plain = complete(url, prompt="ROMEO:", max_tokens=40, temperature=0).json()["choices"][0]["text"]
+    penalized = complete(url, prompt="ROMEO:", max_tokens=40, temperature=0, frequency_penalty=1.5,
+                         presence_penalty=0.5).json()["choices"][0]["text"]
+    assert penalized == expected != plain
+    assert len(set(penalized)) > len(set(plain))  # repeating costs more: more distinct characters
+
+
+def test_token_id_prompts_tokenizer_endpoints_and_bad_input(server, export_dir):
+    url, _ = server
+    tokenizer = OnnxModel(export_dir).tokenizer
+    ids = tokenizer.encode("ROMEO:")
+    tokenized = requests.post(f"{url}/tokenize", json={"prompt": "ROMEO:"}).json()
+    assert tokenized["tokens"] == ids and tokenized["count"] == len(ids) and tokenized["max_model_len"] == 32
+    assert requests.post(f"{url}/tokenize", json={"content": "ROMEO:"}).json()["tokens"] == ids  # llama.cpp's
+    assert requests.post(f"{url}/detokenize", json={"tokens": ids}).json()["prompt"] == "ROMEO:"
+    assert requests.get(f"{url}/tokenizer_info").json()["eos_token"] is None  # a char model has none
+    as_ids = complete(url, prompt=ids, max_tokens=10, seed=3).json()["choices"][0]["text"]
+    assert as_ids == complete(url, prompt="ROMEO:", max_tokens=10, seed=3).json()["choices"][0]["text"]
+    assert len(complete(url, prompt=[ids, ids], max_tokens=2).json()["choices"]) == 2
+    for body, message in (({"prompt": "a", "max_tokens": 0}, "echo=true"),
+                          ({"prompt": "a", "logprobs": 6}, "logprobs"),
+                          ({"prompt": [9999], "max_tokens": 1}, "from 0 to 64"),
+                          ({"prompt": "a", "stream_options": {"include": 1}}, "stream_options.include"),
+                          ({"prompt": "a", "presence_penalty": 3}, "presence_penalty")):
+        r = complete(url, **body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+    assert requests.post(f"{url}/detokenize", json={"tokens": [70]}).status_code == 400
+    assert complete(url, prompt="ROMEO:", max_tokens=3).status_code == 200  # and it keeps serving
+
+
+def test_metrics_parse_and_move_with_the_requests(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+
+    def samples():
+        text = requests.get(f"{url}/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    complete(url, prompt="ROMEO:", max_tokens=5)
+    complete(url, prompt="ROMEO:", max_tokens=-1)
+    stream = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 200, "stream": True},
+                           stream=True)
+    next(stream.iter_lines())
+    stream.close()  # the client goes away mid-stream
+    after = samples()
+    moved = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert moved[("gpt_requests_total", (("status", "200"),))] >= 2
+    assert moved[("gpt_requests_total", (("status", "400"),))] == 1
+    assert moved[("gpt_generation_tokens_total", ())] >= 5 and moved[("gpt_prompt_tokens_total", ())] >= 6
+    assert moved[("gpt_time_to_first_token_seconds_count", ())] >= 2
+    assert moved[("gpt_inter_token_latency_seconds_count", ())] >= 4
+    assert ("gpt_cache_slots", (("state", "free"),)) in after and ("gpt_kv_cache_bytes", ()) in after
+    deadline = time.time() + 10
+    while samples()[("gpt_requests_cancelled_total", ())] - before.get(("gpt_requests_cancelled_total", ()), 0) < 1:
+        assert time.time() < deadline, "the abandoned stream was not counted as cancelled"
+        time.sleep(0.1)
+
+
+def test_metrics_need_no_key_unless_asked_to_be_private(export_dir):
+    proc, url = start_server(export_dir, "--api-key", "secret")
+    try:
+        assert requests.get(f"{url}/metrics").status_code == 200 and requests.get(f"{url}/health").ok
+        assert requests.post(f"{url}/tokenize", json={"prompt": "a"}).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    proc, url = start_server(export_dir, "--api-key", "secret", "--private-metrics")
+    try:
+        assert requests.get(f"{url}/metrics").status_code == 401
+        assert requests.get(f"{url}/metrics", headers={"Authorization": "Bearer secret"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_openai_sdk_reads_logprobs_and_usage(server):
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    result = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0, logprobs=2,
+                                       echo=True)
+    lp = result.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len("ROMEO:") + 8
+    assert result.usage.prompt_tokens == 6 and result.usage.completion_tokens == 8
+    chunks = list(client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0, logprobs=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert [t for c in chunks if c.choices for t in c.choices[0].logprobs.tokens] == lp.tokens[6:]
+    assert chunks[-1].usage.total_tokens == 14
