@@ -4,8 +4,11 @@
     runtime.py    the onnxruntime session (OnnxModel) and generate()
     cache.py      the fused graph's preallocated KV cache
     batch.py      sequences and the batches that decode them together (make_batch)
-    server.py     the HTTP server: decode_request → predict → encode_response
-    scheduler.py  the model loop of the server; guard.py its connection, time and byte limits
+    scoring.py    log-probabilities of a text in rolling windows (echo, serve.evaluate)
+    evaluate.py   `python -m serve.evaluate`: every variant of an export scored on your text
+    server.py     the HTTP server: decode_request → predict → encode_response (protocol.py holds
+                  OpenAI's shapes), the model loop in scheduler.py, limits in guard.py, /metrics in
+                  metrics.py
 
 Nothing under serve/ imports torch: `pip install .[serve]` is enough to run it.
 """

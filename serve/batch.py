@@ -111,6 +111,22 @@ class Sequence:
         if len(self.generated) >= self.max_new_tokens:
             self.finish_reason = "length"
 
+    def step(self, logits: np.ndarray, tokenizer: Tokenizer) -> Event:
+        """Choose the next token from the model's (V,) logits and take it in: its text, or the end of
+        the document (a natural stop, no text); the event that hands it out."""
+        token = self.choose(logits, tokenizer)
+        if self.decoder is None:
+            self.decoder = tokenizer.stream()
+        if token == tokenizer.eot_id:
+            self.generated.append(token)
+            self.finish_reason = "stop"
+        else:
+            self.accept(token, self.decoder.feed(token))
+        if self.finish_reason == "length":
+            self.text += self.decoder.flush()  # a character cut off by the limit shows as U+FFFD
+        return Event(self, self.take_text(), self.finish_reason is not None,
+                     self.entries[-1] if self.logprobs is not None else None)
+
     def take_text(self) -> str:
         """The text not yet handed out, holding back a possible start of a stop string."""
         upto = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self._hold)
@@ -171,22 +187,11 @@ class Batch(ABC):
         events, finished = [], []
         tokenizer = self.model.tokenizer
         for i, s in enumerate(self.sequences):
-            token = s.choose(self.logits[i], tokenizer)
-            if s.decoder is None:
-                s.decoder = tokenizer.stream()
-            if token == tokenizer.eot_id:  # the model ended the document: a natural stop, no text
-                s.generated.append(token)
-                s.finish_reason = "stop"
-            else:
-                s.accept(token, s.decoder.feed(token))
-            if s.finish_reason == "length":
-                s.text += s.decoder.flush()  # a character cut off by the limit shows as U+FFFD
-            events.append(Event(s, s.take_text(), s.finish_reason is not None,
-                                s.entries[-1] if s.logprobs is not None else None))
+            events.append(s.step(self.logits[i], tokenizer))
             if s.finish_reason:
                 finished.append(s)
             else:
-                s.context.append(token)
+                s.context.append(s.generated[-1])
         self.remove(finished)
         return events
 

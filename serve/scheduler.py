@@ -133,16 +133,28 @@ class Scheduler:
             loop.call_soon_threadsafe(_put_all, items)
 
     def _admit(self, sequences: list[Sequence]) -> list[Event]:
-        """Score the prompts that asked for it (echo with logprobs), finish those that want no new
-        token, prefill the others into the batch; the finished ones' events."""
+        """Score the prompts that asked for it (echo with logprobs), all in one batch of windows; finish
+        those that want no new token, and those that want one from the logits the scoring read (an
+        evaluation client's requests); prefill the others into the batch. The finished ones' events."""
+        scoring = [s for s in sequences if s.score_prompt]
+        if scoring:
+            top = max(s.logprobs or 0 for s in scoring)
+            scores = self.scorer.score_many([s.prompt_ids for s in scoring], top=top,
+                                            next_token=[s.max_new_tokens == 1 for s in scoring])
+            for s, result in zip(scoring, scores):
+                result.top = [t[:s.logprobs] for t in result.top] if s.logprobs != top else result.top
+                s.prompt_scores = result
+        events, decode = [], []
         for s in sequences:
-            if s.score_prompt:
-                s.prompt_scores = self.scorer.score(s.prompt_ids, top=s.logprobs or 0)
-        done = [s for s in sequences if s.max_new_tokens == 0]
-        for s in done:
-            s.finish_reason = "length"
-        self.batch.add([s for s in sequences if s.max_new_tokens > 0])
-        return [Event(s, "", True) for s in done]
+            if s.max_new_tokens == 0:
+                s.finish_reason = "length"
+                events.append(Event(s, "", True))
+            elif s.prompt_scores is not None and s.prompt_scores.next_logits is not None:
+                events.append(s.step(s.prompt_scores.next_logits, self.model.tokenizer))  # its one token
+            else:
+                decode.append(s)
+        self.batch.add(decode)
+        return events
 
     def _run(self) -> None:
         admit: list[Sequence] = []

@@ -2,10 +2,11 @@
 
 A model sees at most `block_size` tokens, so a longer text is scored in rolling windows (the usual
 loglikelihood_rolling): window k reads tokens [k*stride, k*stride + block_size) and counts the
-tokens it predicts that no earlier window did. With stride = block_size (the default) the windows
-are disjoint and each new one starts from a single token of context, which is what
-lm-evaluation-harness's `loglikelihood_rolling` does with max_length = block_size + 1; a smaller
-stride gives every window more context and costs more forward passes.
+tokens it predicts that no earlier window did; the last window, when shorter, reads a whole window
+that ends where the text does. With stride = block_size (the default) the windows are disjoint and
+each new one starts from a single token of context, which is what lm-evaluation-harness's
+`loglikelihood_rolling` does with max_length = block_size + 2 (it keeps one token for generation);
+a smaller stride gives every window more context and costs more forward passes.
 
 The server's `echo` + `logprobs` and `python -m serve.evaluate` both score through `Scorer`, so a
 text gets the same figures from either. `logprob_entry` is one generated token as OpenAI's
@@ -32,10 +33,12 @@ if TYPE_CHECKING:
 @dataclass
 class TokenScores:
     """Scores of ids[1:] (the first token has no context): its log-probability, and with `top` > 0 the
-    most likely tokens at that position as (id, log-probability), best first."""
+    most likely tokens at that position as (id, log-probability), best first; with `next_token`, the
+    logits after the last token (read over its last block_size tokens, as generation would)."""
 
     logprobs: np.ndarray  # (n - 1,) float64
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    next_logits: np.ndarray | None = None  # (V,)
 
     @property
     def total(self) -> float:
@@ -43,7 +46,8 @@ class TokenScores:
 
 
 class Scorer:
-    """Rolling-window scoring with one model, full windows batched `batch` at a time."""
+    """Rolling-window scoring with one model: windows of the same length, from any of the texts scored
+    together, run `batch` at a time."""
 
     def __init__(self, model: OnnxModel, batch: int = 8):
         self.model, self.batch = model, batch
@@ -59,31 +63,53 @@ class Scorer:
         out, scored, start = [], 0, 0  # scored: targets ids[1 .. scored] are done
         while scored < n - 1:
             end = min(start + T, n - 1)
-            out.append((start, end, scored - start))
+            first = max(0, end - T)  # a short last window still reads a whole window of context
+            out.append((first, end, scored - first))
             scored = end
             start += stride
         return out
 
     def score(self, ids: list[int], stride: int | None = None, top: int = 0) -> TokenScores:
         """The log-probability of every token of `ids` after the first."""
-        ids = np.asarray(ids, dtype=np.int64)
-        logprobs = np.zeros(max(len(ids) - 1, 0))
-        tops: list[list[tuple[int, float]]] = [[] for _ in range(len(logprobs))] if top else []
-        plan = self.windows(len(ids), stride)
-        full = [w for w in plan if w[1] - w[0] == self.model.block_size]
-        groups = [full[i:i + self.batch] for i in range(0, len(full), self.batch)]
-        groups += [[w] for w in plan if w[1] - w[0] != self.model.block_size]
-        for group in groups:
-            logits = self.logits(np.stack([ids[s:e] for s, e, _ in group]))
-            for row, (s, e, first) in zip(logits, group):
-                lp = log_softmax(row[first:])  # predicts ids[s + first + 1 : e + 1]
-                targets = ids[s + first + 1:e + 1]
-                logprobs[s + first:e] = lp[np.arange(len(targets)), targets]
-                for j in range(top and len(targets)):
-                    best = np.argpartition(-lp[j], min(top, lp.shape[1] - 1))[:top]
-                    best = best[np.argsort(-lp[j][best], kind="stable")]
-                    tops[s + first + j] = [(int(t), float(lp[j][t])) for t in best]
-        return TokenScores(logprobs, tops)
+        return self.score_many([ids], stride, top)[0]
+
+    def score_many(self, texts: list[list[int]], stride: int | None = None, top: int = 0,
+                   next_token: list[bool] | None = None) -> list[TokenScores]:
+        """score() of each text, their windows batched together; `next_token[i]` also reads the logits
+        that follow text i."""
+        T = self.model.block_size
+        texts = [np.asarray(ids, dtype=np.int64) for ids in texts]
+        results = [TokenScores(np.zeros(max(len(ids) - 1, 0)), [[] for _ in range(max(len(ids) - 1, 0))] if top
+                               else []) for ids in texts]
+        jobs = [(i, s, e, first) for i, ids in enumerate(texts) for s, e, first in self.windows(len(ids), stride)]
+        jobs += [(i, max(0, len(ids) - T), len(ids), None) for i, ids in enumerate(texts)
+                 if next_token and next_token[i]]  # first None: the window's last logits are the next token's
+        by_length: dict[int, list] = {}
+        for job in jobs:
+            by_length.setdefault(job[2] - job[1], []).append(job)
+        for group in (g[k:k + self.batch] for g in by_length.values() for k in range(0, len(g), self.batch)):
+            logits = self.logits(np.stack([texts[i][s:e] for i, s, e, _ in group]))
+            for row, (i, s, e, first) in zip(logits, group):
+                if first is None:
+                    results[i].next_logits = row[-1]
+                else:
+                    self._fill(results[i], texts[i], row, s, e, first, top)
+        return results
+
+    @staticmethod
+    def _fill(result: TokenScores, ids: np.ndarray, row: np.ndarray, s: int, e: int, first: int, top: int) -> None:
+        """One window's log-probabilities (and top tokens) into its text's scores."""
+        lp = log_softmax(row[first:])  # predicts ids[s + first + 1 : e + 1]
+        targets = ids[s + first + 1:e + 1]
+        result.logprobs[s + first:e] = lp[np.arange(len(targets)), targets]
+        if top:
+            k = min(top, lp.shape[1])
+            best = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+            values = np.take_along_axis(lp, best, axis=1)
+            order = np.argsort(-values, axis=1, kind="stable")
+            best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
+            for j in range(len(targets)):
+                result.top[s + first + j] = list(zip(best[j].tolist(), values[j].tolist()))
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of B windows of T tokens, each read from position 0 with no past."""
@@ -101,8 +127,12 @@ class Scorer:
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
     """How a token shows in `logprobs`: its text (a byte that is part of a character shows as U+FFFD),
-    and the end-of-text token by its name."""
-    return EOT if token == tokenizer.eot_id else tokenizer.decode([token])
+    and the end-of-text token by its name. Kept on the tokenizer: a response names each token often."""
+    texts = vars(tokenizer).setdefault("_token_texts", {})
+    text = texts.get(token)
+    if text is None:
+        text = texts[token] = EOT if token == tokenizer.eot_id else tokenizer.decode([token])
+    return text
 
 
 @dataclass

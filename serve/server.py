@@ -196,7 +196,9 @@ def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Lim
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
             pass
-        return encode_response(head, model.tokenizer, request.sequences, work)
+        # serialized here: FastAPI's generic encoder walks every list of a long logprobs answer
+        body = json.dumps(encode_response(head, model.tokenizer, request.sequences, work))
+        return Response(body, media_type="application/json")
 
 
 class TokenizeRequest(BaseModel):

@@ -155,4 +155,4 @@ def bpe_run_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_export_dir(bpe_run_dir, tmp_path_factory):
     return made_once(tmp_path_factory, "bpe-exports/tiny-bpe", lambda out: command(
-        "export", str(bpe_run_dir), str(out), "--int8", "--optimize"))
+        "export", str(bpe_run_dir), str(out), "--int8", "--int4", "--optimize"))

@@ -60,11 +60,12 @@ def test_rolling_windows_score_each_token_once_as_pytorch_does(run_dir, export_d
     step, scored, start = stride or T, 0, 0
     while scored < 99:  # the windows written out by hand, each read by PyTorch from position 0
         end = min(start + T, 99)
+        first = max(0, end - T)  # the last one reads a whole window too
         with torch.no_grad():
-            logits = model(torch.tensor([ids[start:end]])).logits[0].double()
+            logits = model(torch.tensor([ids[first:end]])).logits[0].double()
         lp = torch.log_softmax(logits, -1)
         for t in range(scored + 1, end + 1):
-            expected[t - 1] = lp[t - start - 1, ids[t]].item()
+            expected[t - 1] = lp[t - first - 1, ids[t]].item()
         scored, start = end, start + step
     np.testing.assert_allclose(scores.logprobs, expected, rtol=1e-4, atol=1e-5)
 
@@ -167,6 +168,22 @@ def test_penalties_change_the_text_as_the_runtime_does(server, export_dir):
                          presence_penalty=0.5).json()["choices"][0]["text"]
     assert penalized == expected != plain
     assert len(set(penalized)) > len(set(plain))  # repeating costs more: more distinct characters
+    # the logprobs are the model's, before the penalties (within one window: past it generation refills)
+    scored = complete(url, prompt="ROMEO:", max_tokens=20, temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
+                      logprobs=0).json()["choices"][0]["logprobs"]["token_logprobs"]
+    rescored = complete(url, prompt="ROMEO:" + penalized[:20], max_tokens=0, echo=True, logprobs=0).json()
+    np.testing.assert_allclose(scored, rescored["choices"][0]["logprobs"]["token_logprobs"][6:], atol=1e-5)
+
+
+def test_one_token_after_a_scored_prompt_is_the_token_the_batch_would_choose(server, bpe_server):
+    """An evaluation client's request (echo, logprobs, max_tokens 1) takes its one token from the logits
+    the scoring read, not through the batch: it must be the same token, prompts longer than the window too."""
+    for url, prompt in ((server[0], TEXT[:20]), (server[0], TEXT[:100]), (bpe_server[0], TEXT[:400])):
+        plain = complete(url, prompt=prompt, max_tokens=1, temperature=0, logprobs=2).json()["choices"][0]
+        echoed = complete(url, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True).json()["choices"][0]
+        assert echoed["text"] == prompt + plain["text"]
+        assert echoed["logprobs"]["tokens"][-1] == plain["logprobs"]["tokens"][0]
+        assert abs(echoed["logprobs"]["token_logprobs"][-1] - plain["logprobs"]["token_logprobs"][0]) < 1e-5
 
 
 def test_token_id_prompts_tokenizer_endpoints_and_bad_input(server, export_dir):
@@ -254,3 +271,57 @@ def test_the_openai_sdk_reads_logprobs_and_usage(server):
                                             stream=True, stream_options={"include_usage": True}))
     assert [t for c in chunks if c.choices for t in c.choices[0].logprobs.tokens] == lp.tokens[6:]
     assert chunks[-1].usage.total_tokens == 14
+
+
+# --- lm-evaluation-harness, through the API --------------------------------------------------------
+
+TASK = """task: gpt_local_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+should_decontaminate: false
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_lm_evaluation_harness_measures_what_serve_evaluate_measures(bpe_export_dir, tmp_path, variant):
+    """lm-eval's local-completions model (echo, logprobs, the remote tokenizer) runs a loglikelihood_rolling
+    task defined here on local text; its bits per byte equal serve.evaluate's. lm-eval keeps one token of
+    max_length for generation and one for context, so max_length = block_size + 2 gives its windows
+    block_size tokens to predict, as serve.evaluate's default stride does."""
+    pytest.importorskip("lm_eval")
+    paragraphs = [p for p in TEXT.split("\n\n") if len(p) > 80][:6]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gpt_local_text.yaml").write_text(TASK.format(data=data))
+    ours = evaluate(bpe_export_dir, str(data), variant, log=lambda s: None)["variants"][variant]
+    proc, url = start_server(bpe_export_dir, "--model", variant)
+    try:
+        args = (f"base_url={url}/v1/completions,model=tiny-bpe,tokenizer_backend=remote,max_length=34,"
+                "num_concurrent=1,max_retries=1,tokenized_requests=True")
+        run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                              "--tasks", "gpt_local_text", "--include_path", str(tmp_path / "tasks"),
+                              "--output_path", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env=subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+                                                             HF_HOME=str(tmp_path / "hf"), OPENAI_API_KEY="unused"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["gpt_local_text"]
+    theirs = results["bits_per_byte,none"]
+    print(f"{variant}: lm-eval {theirs:.6f} bits/byte, serve.evaluate {ours['bits_per_byte']:.6f}")
+    assert math.isclose(theirs, ours["bits_per_byte"], rel_tol=1e-6), (theirs, ours["bits_per_byte"])
