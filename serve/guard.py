@@ -90,13 +90,15 @@ class RequestGuard:
     def __init__(self, app, max_body_bytes: int, read_timeout: float, api_key: str | None = None,
                  open_paths: frozenset[str] | set[str] = frozenset()):
         self.app, self.max_body_bytes, self.read_timeout, self.api_key = app, max_body_bytes, read_timeout, api_key
-        self.open_paths = frozenset(open_paths)  # GET paths that answer without the key (/health, /metrics)
+        self.open_paths = frozenset(open_paths)  # GET paths that need no key; one ending in / opens its folder
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        keyless = scope["method"] == "GET" and scope["path"] in self.open_paths
+        path = scope["path"]
+        keyless = scope["method"] == "GET" and (path in self.open_paths or any(
+            p.endswith("/") and p != "/" and path.startswith(p) for p in self.open_paths))
         if self.api_key is not None and not keyless:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):

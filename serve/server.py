@@ -39,6 +39,7 @@ from serve.batch import Event
 from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.manifest import VARIANTS
 from serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from serve.playground import add_playground
 from serve.protocol import (
     CompletionRequest,
     RequestError,
@@ -136,13 +137,15 @@ def create_app(model: OnnxModel, limits: Limits, model_id: str, api_key: str | N
 
     app = FastAPI(title="gpt completions", version="1", lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics
-    open_paths = {"/health"} | (set() if private_metrics else {"/metrics"})
+    # the playground's page needs no key (it asks for one); the API it calls does
+    open_paths = {"/health", "/", "/static/"} | (set() if private_metrics else {"/metrics"})
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes, read_timeout=limits.read_timeout,
                        api_key=api_key, open_paths=open_paths)
     app.add_middleware(metrics.middleware)  # outermost: counts the guard's refusals too
     add_error_handlers(app)
     add_routes(app, scheduler, model, limits, model_id)
     add_tokenizer_routes(app, model, model_id)
+    add_playground(app, model, model_id)
     return app
 
 

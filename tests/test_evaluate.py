@@ -245,6 +245,10 @@ def test_metrics_need_no_key_unless_asked_to_be_private(export_dir):
     try:
         assert requests.get(f"{url}/metrics").status_code == 200 and requests.get(f"{url}/health").ok
         assert requests.post(f"{url}/tokenize", json={"prompt": "a"}).status_code == 401
+        # the playground's page and files load without the key (the page asks for it); what it calls needs it
+        assert requests.get(f"{url}/").ok and requests.get(f"{url}/static/app.js").ok
+        assert requests.get(f"{url}/props").status_code == 401 and requests.post(f"{url}/").status_code == 401
+        assert requests.get(f"{url}/staticx").status_code == 401
     finally:
         proc.terminate()
         proc.wait(timeout=10)
