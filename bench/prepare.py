@@ -14,6 +14,11 @@ once from TinyShakespeare), so they produce the same tokens and the timing compa
 
 It prints MB/s of each and the ratio (goal >= 1.6x on 2 cores), and the toolkit's peak RSS for
 each corpus size (goal: under 1 GB and not growing with the corpus).
+
+With --formats (the default for the first size), the same documents are also written as parquet
+(one file per folder of 50, a row per document) and as .jsonl.zst (a line per document), and each
+is prepared the same way: MB/s of text against the .txt files (goals: parquet >= 0.9x, .jsonl.zst
+>= 0.8x) and peak RSS (goal: under 1 GB each).
 """
 
 from __future__ import annotations
@@ -42,6 +47,25 @@ def build_corpus(folder: Path, source: str, megabytes: int) -> int:
         path.write_bytes(data)
         total, i = total + len(data), i + 1
     return i
+
+
+def other_formats(corpus: Path, out: Path) -> dict[str, Path]:
+    """The documents of the .txt corpus as parquet and as .jsonl.zst, a file per folder of 50."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    folders = {"parquet": out / "parquet", "jsonl.zst": out / "jsonl_zst"}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    for part in sorted(p for p in corpus.iterdir() if p.is_dir()):
+        texts = [f.read_text(encoding="utf-8") for f in sorted(part.glob("*.txt"))]
+        pq.write_table(pa.table({"text": texts}), folders["parquet"] / f"{part.name}.parquet", row_group_size=8)
+        lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        (folders["jsonl.zst"] / f"{part.name}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(lines))
+    return folders
 
 
 def baseline(files: list[Path], tokenizer_json: Path) -> tuple[float, int]:
@@ -76,6 +100,7 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--dir", default=None, help="where to build the corpora (default: a temporary folder)")
+    parser.add_argument("--no-formats", action="store_true", help="skip the parquet and .jsonl.zst comparison")
     args = parser.parse_args(argv)
 
     from gpt.config import DataConfig
@@ -104,6 +129,11 @@ def run(argv: list[str] | None = None) -> int:
                         f"{base_tokens:,} tokens); ratio {base_s / seconds:.2f}x"
             print(line, flush=True)
             print("  " + out.strip().replace("\n", "\n  "), flush=True)
+            if k == 0 and not args.no_formats:
+                for name, folder in other_formats(corpus, tmp / f"formats{megabytes}").items():
+                    f_seconds, f_peak, _ = toolkit(folder, tokenizer_json, tmp / f"cache-{name}")
+                    print(f"  the same documents as {name}: {size / f_seconds:.2f} MB/s of text ({f_seconds:.0f} s), "
+                          f"{f_peak:,.0f} MB peak RSS; {seconds / f_seconds:.2f}x the .txt files' MB/s", flush=True)
             for path in files:  # make room for the next size
                 path.unlink()
     return 0

@@ -69,13 +69,15 @@ class DataConfig:
     """Where the text comes from, how it becomes tokens, and how it is split."""
 
     dataset: str | None = "tinyshakespeare"  # a known corpus, downloaded and verified if missing; null: none
-    path: str | None = None  # or your own: a UTF-8 file, a folder (.txt, .md, .jsonl inside) or a glob
+    path: str | None = None  # or your own: a file, a folder or a glob of .txt, .md, .jsonl(.gz/.zst), .parquet,
+    # .arrow (a save_to_disk folder), or hf:NAME[:SPLIT] for a Hugging Face dataset
     val_fraction: float = 0.1  # held out: whole documents chosen by a hash of their names (one text: its tail)
     tokenizer: str = "char"  # char (one token per character, the tutorial's) | bpe (byte-level BPE)
     vocab_size: int = 8192  # bpe: tokens to learn from the training split (256 bytes and <|endoftext|> included)
     tokenizer_file: str | None = None  # bpe: use this tokenizer.json (e.g. GPT-2's) instead of learning one
     tokenizer_sample_mb: int = 256  # bpe: learn from at most this much of the training split
-    skip_bad_files: bool = False  # leave out (and count) files that are not UTF-8 and bad .jsonl lines
+    skip_bad_files: bool = False  # leave out (and count) files that are not UTF-8 or damaged, and bad .jsonl lines
+    text_field: str = "text"  # the key (.jsonl) or column (.parquet, .arrow) that holds a document's text
 
     def problems(self) -> list[str]:
         out = []
@@ -97,6 +99,8 @@ class DataConfig:
             out.append("data.tokenizer_file is for data.tokenizer=bpe: set that too, or drop the file")
         if self.tokenizer_sample_mb < 1:
             out.append(f"data.tokenizer_sample_mb={self.tokenizer_sample_mb} must be >= 1")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            out.append(f"data.text_field={self.text_field!r} must name the key or column that holds the text")
         return out
 
 

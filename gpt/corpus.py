@@ -1,7 +1,8 @@
 """A corpus of many files, read as documents, split into train and val, written as token shards.
 
-    files      data.path: a file, a folder (recursively: .txt, .md, .jsonl) or a glob
-    documents  a .txt or .md file is one document; each line of a .jsonl file with a "text" field is one
+    files      data.path: a file, a folder (recursively), a glob, or hf:NAME[:SPLIT] (a Hugging Face dataset)
+    documents  a .txt or .md file is one document; each line of a .jsonl(.gz/.zst) file, or row of a
+               .parquet or .arrow file, is one: its data.text_field (gpt/formats.py reads each format)
     split      with two or more documents, a document goes to val when a hash of its name falls under
                val_fraction: whole documents, the same ones on every machine and every run. A corpus
                of one document (the tutorial's single file) keeps the tutorial's split: its tail.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIXES = (".txt", ".md", ".jsonl")
+from gpt.formats import FormatError, is_corpus_file, json_lines, kind, table_rows, unreadable
+
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16
 CHUNK_BYTES = 1 << 20  # text is read and handed to the tokenizer about 1 MB at a time
 
@@ -37,14 +38,17 @@ class CorpusError(RuntimeError):
 
 
 def find_files(spec: str) -> tuple[list[Path], Path]:
-    """The text files `data.path` names, sorted, and the folder their names are taken relative to."""
+    """The corpus files `data.path` names, sorted, and the folder their names are taken relative to."""
+    if spec.startswith("hf:"):
+        return hub_files(spec)
     path = Path(spec).expanduser()
     if path.is_file():
         return [path], path.parent
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_corpus_file(p))
         if not files:
-            raise CorpusError(f"data.path={spec} holds no .txt, .md or .jsonl files: point it at a folder with text")
+            raise CorpusError(f"data.path={spec} holds no .txt, .md, .jsonl(.gz/.zst), .parquet or .arrow files: "
+                              "point it at a folder with text")
         return files, path
     if any(c in spec for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -52,6 +56,28 @@ def find_files(spec: str) -> tuple[list[Path], Path]:
             raise CorpusError(f"data.path={spec} matches no files: check the pattern")
         return files, Path(os.path.commonpath([str(p.parent) for p in files]))
     raise CorpusError(f"data.path={spec} does not exist: point it at a text file, a folder of them, or a glob")
+
+
+def hub_files(spec: str) -> tuple[list[Path], Path]:
+    """data.path=hf:NAME[:SPLIT]: the dataset's files from the Hugging Face Hub (cached by huggingface_hub,
+    so later runs, and HF_HUB_OFFLINE=1, read the cache), those of SPLIT only when one is named."""
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CorpusError(f"data.path={spec} needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        root = Path(snapshot_download(repo_id=name, repo_type="dataset"))
+    except Exception as e:  # offline without a cached copy, an unknown name, no access
+        raise CorpusError(f"data.path={spec}: the Hub has no dataset {name!r} this machine can get "
+                          f"({type(e).__name__}); check the name, or download it and point data.path at it") from None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_corpus_file(p))
+    if split:
+        files = [p for p in files if split in p.relative_to(root).parts[:-1] or p.name.startswith(f"{split}-")
+                 or p.name.startswith(f"{split}.")]
+    if not files:
+        raise CorpusError(f"data.path={spec}: {root} holds no corpus files{f' for split {split!r}' if split else ''}")
+    return files, root
 
 
 @dataclass
@@ -65,6 +91,7 @@ class Skipped:
     empty: list[str] = field(default_factory=list)
     not_utf8: list[str] = field(default_factory=list)
     no_text: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # truncated or corrupt compressed files and tables
 
     def summary(self) -> str:
         parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v]
@@ -108,7 +135,8 @@ def _utf8_ok(path: Path) -> bool:
         return False
 
 
-def documents(files: list[Path], root: Path, skip_bad: bool, skipped: Skipped | None = None) -> Iterator[Document]:
+def documents(files: list[Path], root: Path, skip_bad: bool, skipped: Skipped | None = None,
+              text_field: str = "text") -> Iterator[Document]:
     """Every document of the corpus, in a fixed order. Fills `skipped` with what was left out."""
     skipped = skipped if skipped is not None else Skipped()
     for path in files:
@@ -116,36 +144,43 @@ def documents(files: list[Path], root: Path, skip_bad: bool, skipped: Skipped | 
         if path.stat().st_size == 0:
             skipped.empty.append(name)
             continue
-        if skip_bad and not _utf8_ok(path):
-            skipped.not_utf8.append(name)
-            continue
-        if path.suffix != ".jsonl":
+        if kind(path) == "text":
+            if skip_bad and not _utf8_ok(path):
+                skipped.not_utf8.append(name)
+                continue
             yield Document(name, _read_chunks(path))
             continue
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                where = f"{name}:{number}"
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except ValueError as e:
-                    if skip_bad:
-                        skipped.no_text.append(where)
-                        continue
-                    raise CorpusError(f"{path}:{number} is not a JSON object ({e}): fix the line, or set "
-                                      "data.skip_bad_files=true to leave such lines out") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    if skip_bad:
-                        skipped.no_text.append(where)
-                        continue
-                    raise CorpusError(f'{path}:{number} has no "text" string: each .jsonl line must be '
-                                      '{"text": "..."}; or set data.skip_bad_files=true to leave such lines out')
-                if not text:
-                    skipped.empty.append(where)
-                    continue
-                yield Document(where, iter([text]))
+        problem = unreadable(path, text_field) if skip_bad else ""
+        if problem:
+            skipped.unreadable.append(name)
+            continue
+        try:
+            yield from _records(path, name, skip_bad, skipped, text_field)
+        except FormatError as e:
+            raise CorpusError(f"{e}; or set data.skip_bad_files=true to leave such files out (they are counted)") \
+                from None
+
+
+def _records(path: Path, name: str, skip_bad: bool, skipped: Skipped, text_field: str) -> Iterator[Document]:
+    """The documents of a JSON-lines file (one a line) or a table (one a row)."""
+    if kind(path) == "table":
+        for row, text in table_rows(path, text_field):
+            if text:
+                yield Document(f"{name}:{row}", iter([text]))
+            else:
+                (skipped.empty if text == "" else skipped.no_text).append(f"{name}:{row}")
+        return
+    for number, text, problem in json_lines(path, text_field):
+        where = f"{name}:{number}"
+        if problem:
+            if skip_bad:
+                skipped.no_text.append(where)
+                continue
+            raise CorpusError(f"{path}:{number} {problem}; or set data.skip_bad_files=true to leave such lines out")
+        if not text:
+            skipped.empty.append(where)
+            continue
+        yield Document(where, iter([text]))
 
 
 def name_hash(name: str) -> int:
@@ -255,13 +290,14 @@ class SplitPlan:
         return "val" if in_val(name, self.val_fraction) else "train"
 
 
-def plan_split(files: list[Path], root: Path, val_fraction: float, skip_bad: bool, collect_chars: bool) -> SplitPlan:
+def plan_split(files: list[Path], root: Path, val_fraction: float, skip_bad: bool, collect_chars: bool,
+               text_field: str = "text") -> SplitPlan:
     """The first pass: count documents and characters, collect the character set, plan the split."""
     skipped = Skipped()
     chars: set[str] = set()
     n_docs = n_chars = n_val = 0
     lowest = highest = None  # (hash, name) of the documents first and last in hash order
-    for doc in documents(files, root, skip_bad, skipped):
+    for doc in documents(files, root, skip_bad, skipped, text_field):
         n_docs += 1
         for chunk in doc.text_chunks:
             n_chars += len(chunk)
@@ -282,9 +318,10 @@ def plan_split(files: list[Path], root: Path, val_fraction: float, skip_bad: boo
     return plan
 
 
-def split_text(files: list[Path], root: Path, skip_bad: bool, plan: SplitPlan) -> Iterator[tuple[str, str | None]]:
+def split_text(files: list[Path], root: Path, skip_bad: bool, plan: SplitPlan,
+               text_field: str = "text") -> Iterator[tuple[str, str | None]]:
     """(split, text chunk) for every chunk of every document, then (split, None) at each document's end."""
-    for doc in documents(files, root, skip_bad):
+    for doc in documents(files, root, skip_bad, text_field=text_field):
         if plan.split_at is None:
             split = plan.split_of(doc.name)
             for chunk in doc.text_chunks:

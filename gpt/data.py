@@ -80,7 +80,7 @@ def fingerprint(files: list[Path], root: Path, config: DataConfig) -> str:
     """The cache key: every file's name and content, and every setting that changes the tokens."""
     h = hashlib.sha256()
     settings = {"format": TOKENS_FORMAT, "tokenizer": config.tokenizer, "val_fraction": config.val_fraction,
-                "skip_bad_files": config.skip_bad_files}
+                "skip_bad_files": config.skip_bad_files, "text_field": config.text_field}
     if config.tokenizer == "bpe":
         if config.tokenizer_file:
             settings["tokenizer_file"] = sha256_file(_tokenizer_file(config))
@@ -154,7 +154,7 @@ def _make_tokenizer(files: list[Path], root: Path, config: DataConfig, plan: Spl
 
     def train_text():  # the training split only, up to the sample budget
         used = 0
-        for split, chunk in split_text(files, root, config.skip_bad_files, plan):
+        for split, chunk in split_text(files, root, config.skip_bad_files, plan, config.text_field):
             if split == "train" and chunk:
                 yield chunk
                 used += len(chunk)
@@ -165,7 +165,8 @@ def _make_tokenizer(files: list[Path], root: Path, config: DataConfig, plan: Spl
 
 def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, progress: bool | None) -> None:
     """Scan, make the tokenizer, tokenize into shards, write index.json last."""
-    plan = plan_split(files, root, config.val_fraction, config.skip_bad_files, config.tokenizer == "char")
+    plan = plan_split(files, root, config.val_fraction, config.skip_bad_files, config.tokenizer == "char",
+                      config.text_field)
     tokenizer = _make_tokenizer(files, root, config, plan)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     writers = {split: ShardWriter(folder, split, dtype) for split in ("train", "val")}
@@ -174,7 +175,7 @@ def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, prog
     with _Progress(total, progress) as bar:
         if isinstance(tokenizer, CharTokenizer):
             codepoints = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)  # sorted, as the ids
-            for split, chunk in split_text(files, root, config.skip_bad_files, plan):
+            for split, chunk in split_text(files, root, config.skip_bad_files, plan, config.text_field):
                 if chunk is None:
                     counts[split]["documents"] += 1
                     continue
@@ -184,7 +185,8 @@ def _build(files: list[Path], root: Path, config: DataConfig, folder: Path, prog
                 writers[split].write(np.searchsorted(codepoints, points).astype(dtype))
                 bar.advance(len(data))
         else:
-            _encode_bpe(tokenizer, split_text(files, root, config.skip_bad_files, plan), writers, counts, bar)
+            chunks = split_text(files, root, config.skip_bad_files, plan, config.text_field)
+            _encode_bpe(tokenizer, chunks, writers, counts, bar)
     for w in writers.values():
         w.close()
     skipped = plan.skipped

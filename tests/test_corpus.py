@@ -145,10 +145,10 @@ def test_bits_per_byte_compares_tokenizers():
 BAD = [
     ("not utf-8", lambda d: (d / "a.txt").write_bytes("caf\xe9 au lait".encode("latin-1")), {},
      r"a.txt is not UTF-8 \(invalid continuation byte at byte 3\).*data.skip_bad_files=true"),
-    ("no text", lambda d: (d / "a.png").write_bytes(b"\x89PNG"), {}, "holds no .txt, .md or .jsonl files"),
+    ("no text", lambda d: (d / "a.png").write_bytes(b"\x89PNG"), {}, "holds no .txt, .md, .jsonl"),
     ("all empty", lambda d: (d / "a.txt").write_text(""), {}, r"no text to train on: 1 file\(s\), skipped 1 empty"),
     ("jsonl without text", lambda d: (d / "a.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n'), {},
-     r'a.jsonl:2 has no "text" string'),
+     r"a.jsonl:2 has no 'text' string \(its fields: body\); set data.text_field"),
     ("jsonl not json", lambda d: (d / "a.jsonl").write_text('{"text": "ok"}\nnot json\n'), {},
      r"a.jsonl:2 is not a JSON object"),
     ("missing tokenizer file", lambda d: (d / "a.txt").write_text("hello\n"),
@@ -176,7 +176,7 @@ def test_skip_bad_files_leaves_them_out_and_counts_them(tmp_path, text):
     with open(folder / "acts" / "lines.jsonl", "a") as f:
         f.write('{"body": "no text"}\n')
     corpus = prepare(DataConfig(path=str(folder), skip_bad_files=True), progress=False)
-    assert corpus.stats["skipped"] == {"empty": 1, "not_utf8": 1, "no_text": 1}
+    assert corpus.stats["skipped"] == {"empty": 1, "not_utf8": 1, "no_text": 1, "unreadable": 0}
 
 
 @pytest.mark.parametrize("override, message", [
