@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--export-dir", default=None, help="an export folder (default: a seed-size random export)")
     parser.add_argument("--text", default=None, help="the text (default: the first 200 KB of TinyShakespeare)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16],
-                        help="windows per request, as lm-eval's batch_size (default: 1 and 16)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64],
+                        help="windows per request, as lm-eval's batch_size (default: 1, 16 and 64)")
     add_shape_arguments(parser)
     args = parser.parse_args()
 
@@ -91,8 +91,10 @@ def main() -> None:
               f"({(len(ids) - 1) / local_s:,.0f} tokens/s), total logprob {local:.3f}")
         del model
         port = 8000 + os.getpid() % 1000
+        most = max(args.batches)
         server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--model", "fp32",
-                                   "--port", str(port), "--threads", str(args.threads), "--model-id", "bench"],
+                                   "--port", str(port), "--threads", str(args.threads), "--model-id", "bench",
+                                   "--max-prompts", str(most), "--max-queue", str(max(64, most))],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             url = f"http://127.0.0.1:{port}"

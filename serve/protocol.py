@@ -159,17 +159,20 @@ def usage(work: Work, sequences: list[Sequence]) -> dict:
 
 def prompt_entries(tokenizer: Tokenizer, s: Sequence) -> tuple[str, list[TokenLogprob]]:
     """The prompt's text as echo returns it, and its tokens' entries (the first with no logprob)."""
-    decoder, text, entries = tokenizer.stream(), "", []
+    decoder, pieces, entries, offset = tokenizer.stream(), [], [], 0
     scores = s.prompt_scores
+    logprobs = scores.logprobs.tolist() if scores is not None else None
     for i, token in enumerate(s.prompt_ids):
-        top = None
-        if scores is not None and i > 0:
-            top = {token_text(tokenizer, t): lp for t, lp in (scores.top[i - 1] if scores.top else [])}
-            top.setdefault(token_text(tokenizer, token), float(scores.logprobs[i - 1]))
-        logprob = float(scores.logprobs[i - 1]) if scores is not None and i > 0 else None
-        entries.append(TokenLogprob(token_text(tokenizer, token), logprob, top, len(text)))
-        text += decoder.feed(token)
-    return text + decoder.flush(), entries
+        name, logprob, top = token_text(tokenizer, token), None, None
+        if logprobs is not None and i > 0:
+            logprob = logprobs[i - 1]
+            top = {token_text(tokenizer, t): lp for t, lp in scores.top[i - 1]} if scores.top else {}
+            top.setdefault(name, logprob)
+        entries.append(TokenLogprob(name, logprob, top, offset))
+        piece = decoder.feed(token)
+        pieces.append(piece)
+        offset += len(piece)
+    return "".join(pieces) + decoder.flush(), entries
 
 
 def logprobs_object(entries: list[TokenLogprob], shift: int = 0) -> dict:

@@ -108,8 +108,7 @@ class Scorer:
             values = np.take_along_axis(lp, best, axis=1)
             order = np.argsort(-values, axis=1, kind="stable")
             best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
-            for j in range(len(targets)):
-                result.top[s + first + j] = list(zip(best[j].tolist(), values[j].tolist()))
+            result.top[s + first:e] = [list(zip(b, v)) for b, v in zip(best.tolist(), values.tolist())]
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of B windows of T tokens, each read from position 0 with no past."""

@@ -288,7 +288,8 @@ def validation_error(exc: RequestValidationError) -> RequestError:
 
 def check_limits(args: argparse.Namespace) -> str:
     """The first limit flag that makes no sense, as a message; "" when all are fine."""
-    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "max_prompt_tokens", "max_connections"):
+    for name in ("max_batch", "max_queue", "max_new_tokens_limit", "max_prompt_tokens", "max_connections",
+                 "max_prompts"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     for name in ("max_request_seconds", "read_timeout"):
@@ -320,6 +321,8 @@ def command_line() -> argparse.ArgumentParser:
     d = Limits()  # the defaults live in one place
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="sequences waiting or running before 429")
+    parser.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                        help=f"prompts in one request (default {d.max_prompts}; an evaluation client's batch_size)")
     parser.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens,
                         help="the largest max_tokens allowed")
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
@@ -365,8 +368,8 @@ def run(argv: list[str] | None = None) -> int:
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_request_seconds=args.max_request_seconds,
-                    read_timeout=args.read_timeout,
-                    max_connections=args.max_connections)
+                    read_timeout=args.read_timeout, max_connections=args.max_connections,
+                    max_prompts=args.max_prompts)
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
     app = create_app(model, limits, model_id, api_key, private_metrics=args.private_metrics)
     cache = ""
