@@ -186,8 +186,10 @@ def encode_choice(tokenizer: Tokenizer, s: Sequence, work: Work) -> dict:
     prompt_text, entries = prompt_entries(tokenizer, s) if work.echo else ("", [])
     logprobs = None
     if work.logprobs is not None:
-        logprobs = logprobs_object(entries + [TokenLogprob(e.token, e.logprob, e.top, e.offset + len(prompt_text))
-                                              for e in s.entries])
+        logprobs = logprobs_object(entries)
+        completion = logprobs_object(s.entries, shift=len(prompt_text))
+        for key, values in completion.items():
+            logprobs[key] += values
     return {"text": prompt_text + s.text, "index": s.tag.index, "logprobs": logprobs,
             "finish_reason": s.finish_reason}
 
