@@ -149,20 +149,15 @@ def _arrow_batches(path: Path, text_field: str):
 
     try:
         with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)  # what datasets' save_to_disk writes
+            try:  # the streaming format, which datasets' save_to_disk writes; else the file format
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
             except pa.ArrowInvalid:
+                source.seek(0)
                 reader = pa.ipc.open_file(source)
-                reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
-                first = next(reader, None)
-                if first is not None:
-                    _require_column(path, first.schema.names, text_field)
-                    yield first.column(text_field)
-                for batch in reader:
-                    yield batch.column(text_field)
-                return
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             _require_column(path, reader.schema.names, text_field)
-            for batch in reader:
+            for batch in batches:
                 yield batch.column(text_field)
     except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path} is not a readable Arrow file ({str(e).splitlines()[0]})") from None
