@@ -18,24 +18,55 @@ def add_shape_arguments(parser, layers: int = 8, heads: int = 8, dim: int = 512,
     parser.add_argument("--block", type=int, default=block)
 
 
-def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: int):
-    """A checkpoint folder with seeded random weights: (folder, model, tokenizer)."""
+def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: int, vocab: int | None = None):
+    """A checkpoint folder with seeded random weights: (folder, model, tokenizer). With `vocab`, a GPT-2
+    shape: byte-level BPE of that many tokens learned from TinyShakespeare, tied head, biases."""
     import torch
 
     from gpt.checkpoint import write_model_files
-    from gpt.config import ModelConfig, RunConfig
+    from gpt.config import DataConfig, ModelConfig, RunConfig
     from gpt.model import GPT
     from gpt.tokenizer import CharTokenizer
 
-    config = ModelConfig(block_size=block, embedding_dim=dim, num_heads=heads, num_layers=layers,
-                         vocab_size=len(VOCAB))
-    torch.manual_seed(0)
-    model, tokenizer = GPT(config).eval(), CharTokenizer(VOCAB)
     run = RunConfig()
+    if vocab is None:
+        tokenizer = CharTokenizer(VOCAB)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer = bench_bpe(vocab)
+        tokenizer.save(folder.parent / "bench_tokenizer.json")
+        run.data = DataConfig(tokenizer="bpe", vocab_size=vocab,
+                              tokenizer_file=str((folder.parent / "bench_tokenizer.json").resolve()))
+    config = ModelConfig(block_size=block, embedding_dim=dim, num_heads=heads, num_layers=layers,
+                         vocab_size=tokenizer.vocab_size, tie_embeddings=vocab is not None)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
     run.model = config
     folder.mkdir(parents=True, exist_ok=True)
     write_model_files(folder, model, tokenizer, {"step": 0}, run.to_dict())
     return folder, model, tokenizer
+
+
+def bench_bpe(vocab: int):
+    """A byte-level BPE of exactly `vocab` tokens from TinyShakespeare. Its merges may cross word
+    boundaries (no pre-tokenizing regex): 1 MB of text has too few distinct words to fill GPT-2's
+    50,257 tokens otherwise. For benchmarks of size, not of language."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gpt.config import DataConfig
+    from gpt.datasets import resolve_corpus
+    from gpt.tokenizer import EOT, BPETokenizer
+
+    text = resolve_corpus(DataConfig()).read_text(encoding="utf-8")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
+    if tok.get_vocab_size() != vocab:
+        raise SystemExit(f"the benchmark tokenizer reached {tok.get_vocab_size()} tokens, not {vocab}")
+    return BPETokenizer(tok)
 
 
 def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, **options) -> Path:

@@ -5,10 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.manifest import DEFAULT_OPSET
+from export.onnxfile import EXTERNAL_DATA_ABOVE
+from serve.manifest import DEFAULT_OPSET, EVAL_TOKENS
 
 
-def run(argv: list[str] | None = None) -> int:
+def size(text: str) -> int:
+    """A byte count: 123, 500K, 500M, 2G."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        value = float(text[:-1]) * units[text[-1].upper()] if text and text[-1].upper() in units else int(text)
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with K, M or G") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: give a size of 0 or more")
+    return int(value)
+
+
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export a training run (its best or latest checkpoint) or a checkpoint folder to a verified ONNX "
@@ -31,12 +44,24 @@ def run(argv: list[str] | None = None) -> int:
                         "SkipLayerNormalization, FastGelu) with a cache written in place, checked like model.onnx; "
                         "each quantized variant then gets a fused twin (model.fused.int4.onnx, ...)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                        help="dynamo (default): torch.export; torchscript: the older exporter, only if dynamo fails "
+                        "on your model (recorded in the manifest)")
+    parser.add_argument("--external-data-above", type=size, default=EXTERNAL_DATA_ABOVE, metavar="BYTES",
+                        help="write a graph's weights to NAME.onnx.data (one file beside NAME.onnx) when they pass "
+                        "this size, e.g. 500M (default: what protobuf allows, about 2 GB)")
+    parser.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, metavar="N",
+                        help=f"held-out tokens for each variant's validation-loss change (default {EVAL_TOKENS})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
     parser.add_argument("--format", choices=["onnx", "hf"], default="onnx",
                         help="onnx (default): the verified ONNX folder; hf: a transformers GPT2LMHeadModel folder "
                         "(bpe models) that from_pretrained loads")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = command_line().parse_args(sys.argv[1:] if argv is None else argv)
 
     import torch
 
@@ -61,7 +86,8 @@ def run(argv: list[str] | None = None) -> int:
             return
         manifest = export(args.source, args.export_dir, int8=args.int8, fp16=args.fp16, int4=args.int4,
                           int8_weights=args.int8_weights, optimize=args.optimize, opset=args.opset, force=args.force,
-                          checkpoint=args.checkpoint)
+                          checkpoint=args.checkpoint, exporter=args.exporter, eval_tokens=args.eval_tokens,
+                          external_data_above=args.external_data_above)
         files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
         print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
 

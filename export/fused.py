@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.onnxfile import WeightFile
 from serve.manifest import input_names, output_names
 
 MS = "com.microsoft"
@@ -48,22 +49,26 @@ class FusedBuilder:
     dtype float16 stores weights and computes in fp16 (what GroupQueryAttention needs on CUDA), with
     fp16 past/present and fp32 logits."""
 
-    def __init__(self, model, opset: int = 18, dtype: str = "float32"):
+    def __init__(self, model, opset: int = 18, dtype: str = "float32", weights: WeightFile | None = None):
         from onnx import TensorProto
 
         c = model.config
         self.config, self.opset, self.dtype = c, opset, dtype
         self.np_dtype = np.float16 if dtype == "float16" else np.float32
         self.elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+        # views of the model's own tensors (fp32 on the CPU already): nothing is copied until written
         self.state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+        self.weights = weights
         self.nodes, self.inits = [], []
 
     # --- the pieces --------------------------------------------------------------------------------
 
     def weight(self, name: str, array: np.ndarray) -> str:
+        """An initializer: in the graph, or streamed to the data file when the builder has one."""
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(self.np_dtype)), name))
+        array = np.ascontiguousarray(array.astype(self.np_dtype, copy=False))
+        self.inits.append(self.weights.tensor(name, array) if self.weights else numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
@@ -172,45 +177,16 @@ class FusedBuilder:
 
 
 def build_fused(model, path: Path, opset: int = 18, dtype: str = "float32") -> dict:
-    """Write the fused graph of `model` (a gpt.model.GPT) to `path`; returns {op: count}."""
+    """Write the fused graph of `model` (a gpt.model.GPT) to `path`, its weights streamed to PATH.data
+    as they are made (export.onnxfile.finish packs them in when they are small); returns {op: count}."""
     import onnx
 
-    builder = FusedBuilder(model, opset, dtype)
-    onnx.save(builder.make_model(), str(path))
+    weights = WeightFile(path, external=True)  # streamed, then packed into one file when small enough
+    builder = FusedBuilder(model, opset, dtype, weights)
+    proto = builder.make_model()
+    weights.close()
+    onnx.save(proto, str(path))
     ops: dict[str, int] = {}
     for n in builder.nodes:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     return ops
-
-
-def fold_matmul_bias(path: Path) -> int:
-    """After MatMulNBits quantization: fold each `Add(MatMulNBits(x), bias)` into MatMulNBits' own bias
-    input, one node fewer per QKV projection. Returns how many were folded."""
-    import onnx
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    consts = {i.name for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    users: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            users[i] = users.get(i, 0) + 1
-    folded, drop = 0, set()
-    for n in graph.node:
-        if n.op_type != "Add" or n.input[1] not in consts:
-            continue
-        src = producers.get(n.input[0])
-        if src is None or src.op_type != "MatMulNBits" or users.get(n.input[0]) != 1 or len(src.input) > 5:
-            continue
-        while len(src.input) < 5:
-            src.input.append("")
-        src.input.append(n.input[1])
-        src.output[0] = n.output[0]
-        drop.add(id(n))
-        folded += 1
-    keep = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
-    onnx.save(model, str(path))
-    return folded

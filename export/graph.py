@@ -1,7 +1,8 @@
 """The portable graph: the model traced by torch.onnx into standard ONNX ops, and checked.
 
     ExportGraph      the graph's signature: named tensors in and out, in the Optimum convention
-    trace()          the dynamo exporter (TorchScript as the fallback, said in the manifest)
+    trace()          the dynamo exporter (TorchScript only when asked for, and said in the manifest); the
+                     weights in NAME.onnx.data past the external-data threshold (export/onnxfile.py)
     check_graph()    onnx's full checker, no `If` node, and a description of the graph for the manifest
 
 The graph has no `If` node: a zero-length past is the prefill case.
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from export import onnxfile
+from export.onnxfile import EXTERNAL_DATA_ABOVE
 from gpt.model import GPT
 from serve.manifest import ExportError, input_names, output_names
 
@@ -49,14 +52,46 @@ def example_inputs(model: GPT, batch: int, seq: int, past: int, left_pad: int = 
     return ids, mask, positions, cache
 
 
-def trace(model: GPT, path: Path, opset: int) -> str:
-    """Trace with the dynamo exporter (TorchScript as the fallback); returns which one worked."""
-    from torch.export import Dim
+EXPORTERS = ("dynamo", "torchscript")
 
-    L = model.config.num_layers
+
+def trace(model: GPT, path: Path, opset: int, exporter: str = "dynamo",
+          external_data_above: int = EXTERNAL_DATA_ABOVE) -> str:
+    """Trace `model` to `path`, its weights in PATH.data (the caller checks the graph, then packs them
+    in with export.onnxfile.finish when under the threshold), with the exporter asked for: dynamo
+    (torch.export, the default), or torchscript, the older exporter, only
+    when asked (`--exporter torchscript`). Returns a line for the manifest saying which ran."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is unknown: use one of {', '.join(EXPORTERS)}")
     graph = ExportGraph(model).eval()
     # example sizes for dynamic dims must not be 0 or 1, or the exporter specialises on them
     args = example_inputs(model, batch=2, seq=3, past=4)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            if exporter == "dynamo":
+                _dynamo(graph, args, path, opset)
+            else:
+                _torchscript(graph, args, path, opset, external_data_above)
+    except ExportError:
+        raise
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        fix = ("export with --exporter torchscript (the older exporter; the manifest records it)"
+               if exporter == "dynamo" else "export with --exporter dynamo")
+        raise ExportError(f"the {exporter} exporter failed ({error}); {fix}") from e
+    _name_mask_dim(path)
+    return exporter
+
+
+def _dynamo(graph: ExportGraph, args, path: Path, opset: int) -> None:
+    """torch.export, then onnxscript's optimizer; the weights are written to PATH.data a tensor at a
+    time (held once, by the model), and packed back into one file by the caller when they are small."""
+    from torch.export import Dim
+
+    L = graph.model.config.num_layers
     batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence")
     cache_shape = {0: batch, 2: past}
     dynamic_shapes = {
@@ -65,41 +100,38 @@ def trace(model: GPT, path: Path, opset: int) -> str:
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [(cache_shape, cache_shape) for _ in range(L)],
     }
+    torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=True, external_data=True,
+                      dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True,
+                      input_names=input_names(L), output_names=output_names(L))
+
+
+def _torchscript(graph: ExportGraph, args, path: Path, opset: int, external_data_above: int) -> None:
+    """The TorchScript exporter writes a big model as one file per tensor: it writes into a scratch
+    folder, and the graph is saved again as NAME.onnx (+ NAME.onnx.data)."""
+    import shutil
+
+    L = graph.model.config.num_layers
     names = dict(input_names=input_names(L), output_names=output_names(L))
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=True,
-                              external_data=False, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                              optimize=True, **names)
-        _name_mask_dim(path)
-        return "dynamo"
-    except Exception as e:  # the TorchScript exporter is the fallback
-        first_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     for n in names["input_names"][3:]:
         axes[n] = {0: "batch", 2: "past_sequence"}
     for n in names["output_names"][1:]:
         axes[n] = {0: "batch", 2: "total_sequence"}
+    scratch = path.parent / f".{path.name}.torchscript"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(path), dynamo=False,
-                              dynamic_axes=axes, opset_version=opset, **names)
-        return f"torchscript (dynamo failed: {first_error})"
-    except Exception as e:
-        raise ExportError(f"both ONNX exporters failed: dynamo: {first_error}; torchscript: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        torch.onnx.export(graph, (args[0], args[1], args[2], args[3]), str(scratch / path.name), dynamo=False,
+                          dynamic_axes=axes, opset_version=opset, **names)
+        onnxfile.save(onnxfile.load(scratch / path.name), path, external_data_above)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _name_mask_dim(path: Path) -> None:
     """Give attention_mask's length the name the exporter gave the present outputs' length."""
-    import onnx
-
-    model = onnx.load(str(path))
+    model = onnxfile.load(path, weights=False)
     dim = next(i for i in model.graph.input if i.name == "attention_mask").type.tensor_type.shape.dim[1]
     old, new = dim.dim_param, "past_sequence + sequence"
     if not old or old == new:
@@ -108,15 +140,15 @@ def _name_mask_dim(path: Path) -> None:
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param == old:
                 d.dim_param = new
-    onnx.save(model, str(path))
+    onnxfile.resave(model, path)
 
 
 def check_graph(path: Path) -> dict:
     """onnx's full checker, and the promise that prefill and decode share one graph without `If`."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path))
+    onnx.checker.check_model(str(path), full_check=True)  # by path: a graph with external data is checked too
+    model = onnxfile.load(path, weights=False)
     ops: dict[str, int] = {}
 
     def walk(graph):

@@ -14,6 +14,7 @@ manifest held in memory, so manifest.json is written once, complete, at the end.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -23,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export import onnxfile
 from export.destination import check_destination, publish
 from export.fused import FUSED_OPS, build_fused
 from export.genai import write_genai_config
 from export.graph import check_graph, example_inputs, trace
+from export.onnxfile import EXTERNAL_DATA_ABOVE
 from export.variants import NBITS_ACCURACY, NBITS_BLOCK, write_variant
 from export.verify import (
     FP32_TOLERANCE,
@@ -35,6 +38,7 @@ from export.verify import (
     parity_grid,
     require,
     shared_parity_grid,
+    torch_validation_loss,
     validation_loss,
     validation_windows,
 )
@@ -42,15 +46,19 @@ from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.files import sha256_file, staging
 from gpt.model import GPT
 from gpt.tokenizer import tokenizer_sha256
-from serve.manifest import DEFAULT_OPSET, FORMAT, FORMAT_VERSION, VARIANT_FLAGS, VARIANTS, ExportError
+from serve.manifest import DEFAULT_OPSET, EVAL_TOKENS, FORMAT, FORMAT_VERSION, VARIANT_FLAGS, VARIANTS, ExportError
 from serve.runtime import OnnxModel
 
 
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
            int4: bool = False, int8_weights: bool = False, optimize: bool = False, opset: int = DEFAULT_OPSET,
-           force: bool = False, eval_windows: int = 32, checkpoint: str = "best",
-           log: Callable[[str], None] = print) -> dict:
-    """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest."""
+           force: bool = False, eval_tokens: int = EVAL_TOKENS, checkpoint: str = "best", exporter: str = "dynamo",
+           external_data_above: int = EXTERNAL_DATA_ABOVE, log: Callable[[str], None] = print) -> dict:
+    """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest.
+
+    Each graph is NAME.onnx, with its weights in NAME.onnx.data when they pass `external_data_above`
+    bytes (default: what protobuf allows). Each session is closed when its gate is passed, so at most
+    one graph's weights are held beside the PyTorch model's."""
     export_dir = Path(export_dir)
     folder = resolve_checkpoint(source, checkpoint)
     check_destination(export_dir, folder, force)
@@ -60,22 +68,27 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
         raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCK} inputs, and this model's "
                           f"embedding_dim is {model.config.embedding_dim}: use --int8 (dynamic) instead")
     options = {"int8": int8, "fp16": fp16, "int4": int4, "int8_weights": int8_weights, "optimize": optimize,
-               "opset": opset}
-    started = time.time()
+               "opset": opset, "external_data_above": external_data_above}
+    started, clock = time.time(), time.perf_counter()
     with staging(export_dir) as tmp:
-        exporter = trace(model, tmp / VARIANTS["fp32"], opset)
-        graph = check_graph(tmp / VARIANTS["fp32"])
-        log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
-        manifest = describe(model, tokenizer, meta, folder, checkpoint, graph, exporter, options)
+        exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
+        graph = settle(tmp / VARIANTS["fp32"], external_data_above)
+        trace_seconds = time.perf_counter() - clock
+        log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}"
+            f"{data_note(tmp / VARIANTS['fp32'])}")
+        manifest = describe(model, tokenizer, meta, folder, checkpoint, graph, exporter, options,
+                            tmp / VARIANTS["fp32"])
+        manifest["timings"] = {"trace": round(trace_seconds, 1)}
         tokenizer.save(tmp / "tokenizer.json")
-        runtime = verify_portable(model, tmp, manifest, log)
+        verify_portable(model, tmp, manifest, log)
         if optimize:
-            add_fused(model, tmp, manifest, log)
+            add_fused(model, tmp, manifest, external_data_above, log)
         manifest["genai"] = write_genai_config(tmp, manifest, tokenizer)
         wanted = [v for v, flag in (("int8", int8), ("fp16", fp16), ("int4", int4), ("int8w", int8_weights)) if flag]
         variants = wanted + ([f"fused-{v}" for v in wanted] if optimize else [])
         if variants:
-            manifest["quality"] = add_variants(model, runtime, tmp, manifest, folder, variants, eval_windows, log)
+            manifest["quality"] = add_variants(model, tmp, manifest, folder, variants, eval_tokens,
+                                               external_data_above, log)
         manifest["export_seconds"] = round(time.time() - started, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         publish(tmp, export_dir, folder, force, kind="onnx")
@@ -83,7 +96,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
 
 
 def describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
-             options: dict) -> dict:
+             options: dict, path: Path) -> dict:
     """The manifest: what the folder holds and where it came from (each step adds its results)."""
     import onnxruntime
 
@@ -94,7 +107,7 @@ def describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph:
                       "eot_id": tokenizer.eot_id},
         "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
         "files": {"fp32": VARIANTS["fp32"]},
-        "graphs": {"fp32": graph_entry(graph, "concat", "float32")},
+        "graphs": {"fp32": graph_entry(graph, "concat", "float32", path)},
         "export_options": {**options, "exporter": exporter, "torch": torch.__version__,
                            "onnxruntime": onnxruntime.__version__},
         "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
@@ -103,31 +116,62 @@ def describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph:
     }
 
 
-def graph_entry(graph: dict, cache: str, cache_dtype: str) -> dict:
-    """A model file's line in the manifest's `graphs`: its kind of cache and the ops it uses."""
-    return {"cache": cache, "cache_dtype": cache_dtype, "nodes": graph["nodes"], "ops": graph["ops"]}
+def graph_entry(graph: dict, cache: str, cache_dtype: str, path: Path) -> dict:
+    """A model file's line in the manifest's `graphs`: its kind of cache, the ops it uses, and its
+    files (the graph, and its external data file if it has one) with their sizes and sha256."""
+    return {"cache": cache, "cache_dtype": cache_dtype, "nodes": graph["nodes"], "ops": graph["ops"],
+            "files": onnxfile.describe_files(path)}
 
 
-def verify_portable(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> OnnxModel:
+def settle(path: Path, external_data_above: int) -> dict:
+    """Check a graph just written (its weights still in NAME.onnx.data, so the checker reads none of
+    them), then pack them into NAME.onnx if they are under the threshold; returns check_graph's report."""
+    graph = check_graph(path)
+    onnxfile.finish(path, external_data_above)
+    return graph
+
+
+def release_memory() -> None:
+    """Give a closed session's memory back to the system before the next graph is opened: collect it,
+    and (glibc) return the freed heap, which malloc would otherwise keep for this process."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by the next session instead
+        pass
+
+
+def data_note(path: Path) -> str:
+    data = onnxfile.data_file(path)
+    return f" (weights in {data.name}, {data.stat().st_size / 2**30:.2f} GiB)" if data.is_file() else ""
+
+
+def verify_portable(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
     """The parity grid and greedy identity; a graph that fails either is not written."""
+    clock = time.perf_counter()
     runtime = OnnxModel(tmp, threads=0, manifest=manifest)
     parity = parity_grid(model, runtime)
     greedy = greedy_parity(model, runtime)
     manifest["parity"] = {"fp32": parity, "greedy": greedy}
+    manifest["timings"]["verify"] = round(time.perf_counter() - clock, 1)
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
         f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
+    del runtime
+    release_memory()
     require(parity, greedy, "ONNX Runtime", "the export is not usable")
-    return runtime
 
 
-def add_fused(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
+def add_fused(model: GPT, tmp: Path, manifest: dict, external_data_above: int, log: Callable[[str], None]) -> None:
     """Write the fused graph (export/fused.py) and hold it to the portable graph's gates: the parity grid
     (with ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
-    path = tmp / VARIANTS["fused"]
+    path, clock = tmp / VARIANTS["fused"], time.perf_counter()
     build_fused(model, path, opset=manifest["opset"])
-    graph = check_graph(path)
+    graph = settle(path, external_data_above)
+    manifest["timings"]["fused"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
     manifest["files"]["fused"] = VARIANTS["fused"]
-    manifest["graphs"]["fused"] = graph_entry(graph, "shared", "float32")
+    manifest["graphs"]["fused"] = graph_entry(graph, "shared", "float32", path)
     try:
         runtime = OnnxModel(tmp, variant="fused", manifest=manifest)
         parity, greedy = shared_parity_grid(model, runtime), greedy_parity(model, runtime)
@@ -136,24 +180,34 @@ def add_fused(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None])
                           f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); export without "
                           "--optimize") from None
     manifest["parity"]["fused"], manifest["parity"]["fused_greedy"] = parity, greedy
+    manifest["timings"]["verify fused"] = round(time.perf_counter() - clock, 1)
+    del runtime
+    release_memory()
     fused = ", ".join(f"{graph['ops'].get(op, 0)} {op}" for op in FUSED_OPS)
     log(f"fused graph: {graph['nodes']} nodes ({fused}); parity: {parity['cases']} cases, max |Δlogits|/scale "
         f"{parity['max_rel_logit_error']:.2e}; greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
     require(parity, greedy, "the fused graph", "export without --optimize")
 
 
-def add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, folder: Path, variants: list[str],
-                 eval_windows: int, log: Callable[[str], None]) -> dict:
-    """Write each quantized variant, check its logits are finite, and measure its validation-loss change."""
-    windows, why = validation_windows(folder, model.config.block_size, eval_windows)
-    base = validation_loss(runtime, windows) if windows is not None else None
-    quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows)}
+def add_variants(model: GPT, tmp: Path, manifest: dict, folder: Path, variants: list[str], eval_tokens: int,
+                 external_data_above: int, log: Callable[[str], None]) -> dict:
+    """Write each quantized variant, check its logits are finite, and measure its validation-loss change
+    on `eval_tokens` held-out tokens against the PyTorch model's (which the fp32 graphs match)."""
+    clock = time.perf_counter()
+    windows, why = validation_windows(folder, model.config.block_size, eval_tokens)
+    base = torch_validation_loss(model, windows) if windows is not None else None
+    manifest["timings"]["verify baseline"] = round(time.perf_counter() - clock, 1)
+    quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows),
+               "tokens": 0 if windows is None else int(windows[:, 1:].size)}
     for variant in variants:
         fused, kind = variant.startswith("fused-"), variant.removeprefix("fused-")
-        graph = check_graph(write_variant(model, tmp, variant, manifest["opset"]))
+        clock = time.perf_counter()
+        path = write_variant(model, tmp, variant, manifest["opset"], external_data_above)
+        graph = settle(path, external_data_above)
+        manifest["timings"][variant] = round(time.perf_counter() - clock, 1)
         manifest["files"][variant] = VARIANTS[variant]
         manifest["graphs"][variant] = graph_entry(graph, "shared" if fused else "concat",
-                                                  "float16" if fused and kind == "fp16" else "float32")
+                                                  "float16" if fused and kind == "fp16" else "float32", path)
         quantized = OnnxModel(tmp, variant=variant, manifest=manifest)
         probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]], quantized.empty_cache(2))[0]
         if not np.isfinite(probe).all():
@@ -161,7 +215,11 @@ def add_variants(model: GPT, runtime: OnnxModel, tmp: Path, manifest: dict, fold
         entry = {"file": VARIANTS[variant]}
         if kind in ("int4", "int8w"):
             entry |= {"op": "MatMulNBits", "block_size": NBITS_BLOCK, "accuracy_level": NBITS_ACCURACY}
+        clock = time.perf_counter()
         quality[variant] = entry | variant_quality(quantized, windows, base, why, variant, log)
+        manifest["timings"][f"verify {variant}"] = round(time.perf_counter() - clock, 1)
+        del quantized  # one session at a time
+        release_memory()
     return quality
 
 

@@ -198,10 +198,14 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an earlier one")
     device = next(model.parameters()).device
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    missing, unexpected = model.load_state_dict(load_file(str(path), device=str(device)), strict=not tied)
+    on_meta = device.type == "meta"  # built without memory: the file's tensors become the parameters
+    state = load_file(str(path), device="cpu" if on_meta else str(device))
+    missing, unexpected = model.load_state_dict(state, strict=not tied, assign=on_meta)
     if tied and (unexpected or set(missing) - {"lm_head.weight"}):
         raise CheckpointError(f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                               "use the checkpoint's own config")
+    if tied and on_meta:
+        model.lm_head.weight = model.token_embedding.weight
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest") -> tuple[GPT, Tokenizer, dict]:
@@ -216,7 +220,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", which: str = "latest"
         tokenizer = load_tokenizer(folder / "tokenizer.json")
     except ValueError as e:
         raise CheckpointError(f"{folder / 'tokenizer.json'}: {e}; use an earlier checkpoint") from None
-    model = GPT(config).to(device)
+    with torch.device("meta"):  # no random initialisation to overwrite: the weights are read once, in place
+        model = GPT(config)
     load_weights(model, folder)
+    model.to(device)
     model.eval()
     return model, tokenizer, {**meta, "path": str(folder)}

@@ -56,6 +56,7 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
     model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model, tf32=args.tf32)
     for prompt in args.prompt:
         validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
+    print(f"[{model.describe_load()}]", file=sys.stderr)
     model.warmup()
     events = generate(model, args.prompt, args.max_new_tokens, params, args.seed, args.stop, limit=MAX_NEW_TOKENS)
     try:

@@ -1,7 +1,9 @@
 """The export folder's contract: what `python -m export` writes and the runtime reads.
 
     EXPORT_DIR/
-        model.onnx           fp32 graph, weights inside
+        model.onnx           fp32 graph, weights inside (or, past protobuf's 2 GB, in model.onnx.data beside it:
+                             each graph below is NAME.onnx plus at most one NAME.onnx.data, named with its size
+                             and sha256 in the manifest's graphs.VARIANT.files)
         model.int8.onnx      (--int8) dynamic int8 quantization
         model.fp16.onnx      (--fp16) fp16 weights and compute, fp32 inputs and outputs
         model.int4.onnx      (--int4) 4-bit weights through MatMulNBits (block 32, accuracy level 4)
@@ -40,6 +42,7 @@ VARIANT_FLAGS = {"int8": "--int8", "fp16": "--fp16", "int4": "--int4", "int8w": 
 CACHE_KINDS = ("concat", "shared")
 CACHE_DTYPES = ("float32", "float16")
 DEFAULT_OPSET = 18
+EVAL_TOKENS = 4096  # held-out tokens behind each variant's validation-loss change (manifest: quality.tokens)
 
 
 class ExportError(RuntimeError):
@@ -172,4 +175,25 @@ def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") ->
         raise ExportError(f"{path} points outside the export folder: export again with `python -m export`")
     if not path.is_file():
         raise ExportError(f"{path} is missing from the export folder: export again with `python -m export`")
+    check_data_file(Path(export_dir), manifest, variant, path)
     return path
+
+
+def check_data_file(export_dir: Path, manifest: dict, variant: str, path: Path) -> None:
+    """A graph past protobuf's 2 GB keeps its weights in NAME.onnx.data: the manifest names it and its
+    size, and both are checked before onnxruntime opens the graph (a truncated copy fails here, in one line)."""
+    files = manifest.get("graphs", {}).get(variant, {}).get("files") or {}
+    data = files.get("data") if isinstance(files, dict) else None
+    if data is None:
+        return
+    name = data.get("file") if isinstance(data, dict) else None
+    if not isinstance(name, str) or name != f"{path.name}.data":
+        raise ExportError(f"{export_dir / 'manifest.json'} is damaged or was edited: the {variant} graph's data "
+                          f"file must be {path.name}.data; export again")
+    target = export_dir / name
+    if not target.is_file() or target.resolve().parent != export_dir.resolve():
+        raise ExportError(f"{target} is missing: {path.name} keeps its weights there; copy the whole export folder, "
+                          "or export again")
+    if target.stat().st_size != data.get("bytes"):
+        raise ExportError(f"{target} has {target.stat().st_size} bytes, the manifest recorded {data.get('bytes')}: "
+                          "the copy is incomplete; copy the export folder again, or export again")

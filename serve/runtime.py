@@ -15,6 +15,8 @@ Imports no torch.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,17 @@ from gpt.sampling import SamplingParams
 from serve.batch import Event, Sequence, make_batch, validate_request
 from serve.cache import CacheBuffers, CacheView
 from serve.manifest import DeviceError, ExportError, check_manifest, manifest_tokenizer, model_path, read_manifest
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm), else its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _ort():
@@ -74,8 +87,18 @@ class OnnxModel:
         self.cache_dtype = np.dtype(np.float16 if graph.get("cache_dtype") == "float16" else np.float32)
         self.variant, self.tf32, self.device = variant, tf32, device
         check_device(device, variant, self.shared_cache, self.cache_dtype)
-        self.session = self._open_session(model_path(export_dir, self.manifest, variant), threads)
+        started = time.perf_counter()
+        self.path = model_path(export_dir, self.manifest, variant)
+        self.session = self._open_session(self.path, threads)
+        self.load_seconds = time.perf_counter() - started
         self._check_graph()
+
+    def describe_load(self) -> str:
+        """What was loaded, how long it took and the process's resident memory after it, in one line."""
+        data = self.path.with_name(self.path.name + ".data")
+        size = self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        return (f"loaded {self.path.name}{' + ' + data.name if data.is_file() else ''} ({size / 2**20:.0f} MiB) in "
+                f"{self.load_seconds:.2f} s; resident memory {resident_bytes() / 2**20:.0f} MiB")
 
     def _open_session(self, path: Path, threads: int) -> Any:
         """The onnxruntime session, on the device asked for or not at all."""

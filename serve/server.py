@@ -360,6 +360,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model,
                           tf32=args.tf32)
+        print(model.describe_load(), file=sys.stderr)
         model.warmup()
     except (ExportError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)

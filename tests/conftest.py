@@ -154,5 +154,7 @@ def bpe_run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bpe_export_dir(bpe_run_dir, tmp_path_factory):
+    """That run exported with its weights as a model past 2 GB has them: in NAME.onnx.data beside each
+    graph (--external-data-above 0), so every test of this folder takes the external-data path."""
     return made_once(tmp_path_factory, "bpe-exports/tiny-bpe", lambda out: command(
-        "export", str(bpe_run_dir), str(out), "--int8", "--int4", "--optimize"))
+        "export", str(bpe_run_dir), str(out), "--int8", "--int4", "--optimize", "--external-data-above", "0"))

@@ -1,0 +1,149 @@
+"""Export at GPT-2 sizes: wall time and peak memory of `python -m export`, next to optimum-cli.
+
+    python bench/export.py                       # GPT-2-small shape: 12 x 768, block 1024, vocab 50,257
+    python bench/export.py --shape large         # 36 x 1280 (774M parameters, 2.9 GiB: past protobuf's 2 GB)
+    python bench/export.py --optimum-cli /path/to/venv/bin/optimum-cli
+
+A checkpoint of that shape with seeded random weights (and a byte-level BPE of exactly the vocabulary's
+size, learned from TinyShakespeare) is made first, outside the timings. Then, each in its own process,
+timed by wall clock and measured by its peak resident memory (getrusage of the child):
+
+    ours      python -m export CKPT DIR --optimize --int4   (every gate: the parity grids, 200 greedy
+              tokens per fp32 graph, the validation-loss change of each variant)
+    hf        python -m export CKPT DIR --format hf         (the same weights as a transformers folder)
+    optimum   optimum-cli export onnx --model HF DIR --task text-generation-with-past
+              (Optimum's own export and its validation; optimum-onnx pins an older transformers, so it
+              is best installed in a venv of its own: pip install torch==2.13.0 'optimum-onnx[onnxruntime]')
+    load      the fused int4 graph opened by serve.runtime.OnnxModel, then 64 greedy tokens: load time,
+              resident memory after loading and peak
+
+It prints the machine, the ratios of the same run, and the files each graph is written as.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine, random_checkpoint  # noqa: E402
+
+SHAPES = {"seed": (8, 8, 512, 256), "small": (12, 12, 768, 1024), "medium": (24, 16, 1024, 1024),
+          "large": (36, 20, 1280, 1024)}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """Run a command; (wall seconds, peak RSS bytes of its children, its output's last lines). The peak
+    is RUSAGE_CHILDREN's, so call it in a process that has run no other child (run_measured does)."""
+    import resource
+
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return wall, peak, "\n".join(proc.stdout.strip().splitlines()[-12:])
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """`measured` in a fresh helper process, so RUSAGE_CHILDREN's peak is this command's alone."""
+    helper = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench.export import measured; "
+              "print(json.dumps(measured(json.loads(sys.argv[2]))))")
+    out = subprocess.run([sys.executable, "-c", helper, str(ROOT), json.dumps(cmd)], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    wall, peak, tail = json.loads(out.stdout.strip().splitlines()[-1])
+    return wall, peak, tail
+
+
+LOAD = """
+import json, resource, sys, time
+from serve.runtime import OnnxModel, generate, resident_bytes
+from gpt.sampling import SamplingParams
+model = OnnxModel(sys.argv[1], variant=sys.argv[2], threads=int(sys.argv[3]))
+loaded = resident_bytes()
+start = time.perf_counter()
+events = list(generate(model, "The ", 64, SamplingParams(greedy=True)))
+rate = 63 / (time.perf_counter() - start)
+print(json.dumps({"load_s": model.load_seconds, "resident": loaded, "rate": rate,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def files_of(folder: Path) -> str:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = []
+    for variant, name in manifest["files"].items():
+        entry = manifest["graphs"][variant]["files"]
+        size = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
+        parts.append(f"{variant}: {name}{' + .data' if 'data' in entry else ''} ({size / 2**20:.0f} MiB)")
+    return "; ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
+    parser.add_argument("--optimum-cli", default=shutil.which("optimum-cli"),
+                        help="optimum-cli to compare with (default: the one on PATH; none: skipped)")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    args = parser.parse_args()
+    layers, heads, dim, block = SHAPES[args.shape]
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-export-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    print(machine())
+    ckpt, model, _ = random_checkpoint(work / "checkpoint", layers, heads, dim, block, vocab=args.vocab)
+    params = sum(p.numel() for p in model.parameters())
+    weights = params * 4
+    del model
+    print(f"{args.shape} shape: {layers} layers x {dim} wide, {heads} heads, block {block}, vocab {args.vocab}: "
+          f"{params / 1e6:.0f}M parameters, {weights / 2**30:.2f} GiB in fp32; {args.threads} threads")
+    try:
+        ours = run_measured([sys.executable, "-m", "export", str(ckpt), str(work / "onnx"), "--optimize", "--int4",
+                             "--force", "--threads", str(args.threads)], env)
+        manifest = json.loads((work / "onnx" / "manifest.json").read_text())
+        timings = manifest.get("timings", {})
+        verification = sum(v for k, v in timings.items() if k.startswith("verify"))
+        print(f"ours    export --optimize --int4: {ours[0]:6.1f} s, peak RSS {ours[1] / 2**30:.2f} GiB "
+              f"({ours[1] / weights:.2f}x the fp32 weights); of which verification {verification:.1f} s")
+        print(f"        steps: {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}")
+        print(f"        files: {files_of(work / 'onnx')}")
+        hf = run_measured([sys.executable, "-m", "export", str(ckpt), str(work / "hf"), "--format", "hf", "--force"],
+                          env)
+        print(f"hf      export --format hf: {hf[0]:6.1f} s, peak RSS {hf[1] / 2**30:.2f} GiB")
+        if args.optimum_cli:
+            opt = run_measured([args.optimum_cli, "export", "onnx", "--model", str(work / "hf"), "--task",
+                                "text-generation-with-past", str(work / "optimum")], env)
+            print(f"optimum optimum-cli export onnx: {opt[0]:6.1f} s, peak RSS {opt[1] / 2**30:.2f} GiB "
+                  f"({opt[1] / weights:.2f}x)")
+            print(f"ratio   ours / optimum-cli: time {ours[0] / opt[0]:.2f}x (ours with --optimize --int4 and every "
+                  f"gate), peak RSS {ours[1] / opt[1]:.2f}x")
+        else:
+            print("optimum not measured: no optimum-cli (pass --optimum-cli PATH)")
+        for variant in ("fused-int4", "fp32"):
+            out = subprocess.run([sys.executable, "-c", LOAD, str(work / "onnx"), variant, str(args.threads)],
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-2000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"load    {variant}: {r['load_s']:.2f} s, resident {r['resident'] / 2**30:.2f} GiB after loading, "
+                  f"peak {r['peak'] / 2**30:.2f} GiB while generating; greedy decode {r['rate']:.1f} tokens/s")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
