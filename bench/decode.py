@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import VOCAB, add_shape_arguments, machine, random_checkpoint  # noqa: E402
+from bench.common import add_shape_arguments, machine, random_checkpoint  # noqa: E402
 from gpt.generate import generate, generate_uncached  # noqa: E402
 from gpt.sampling import SamplingParams  # noqa: E402
 
@@ -67,6 +67,10 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument("--skip-uncached", action="store_true", help="skip the slow recompute-everything baseline")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="a byte-level BPE of this many tokens and a tied head (GPT-2's layout); default: the "
+                        "65-character vocabulary")
+    parser.add_argument("--long-prompt", type=int, default=None, help="the prefill measured (default block_size)")
     parser.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, round-robin; "
                         "each row is its best")
     args = parser.parse_args(argv)
@@ -85,6 +89,32 @@ ENGINES = [  # (row, variant) of the project's runtime, in the order printed
 ]
 GENAI = [("genai portable fp32", "fp32"), ("genai portable int8 (dynamic)", "int8"), ("genai fused fp32", "fused"),
          ("genai fused int4", "fused-int4")]
+LLAMA = [("llama.cpp f32", "f32"), ("llama.cpp q8_0", "q8_0"), ("llama.cpp q4_0", "q4_0")]
+
+
+def llama_engines(ckpt: Path, threads: int, block: int, tmp: Path) -> dict:
+    """llama.cpp (llama-cpp-python) on the same weights: GGUF files written by `export --format gguf`;
+    {} when llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    from export.gguf import export_gguf
+
+    export_gguf(ckpt, tmp / "gguf", types=[t for _, t in LLAMA], log=lambda s: None)
+    return {name: (llama_cpp.Llama(model_path=str(tmp / "gguf" / f"model.{t}.gguf"), n_ctx=block, n_batch=block,
+                                   n_threads=threads, n_threads_batch=threads, verbose=False),
+                   (tmp / "gguf" / f"model.{t}.gguf").stat().st_size) for name, t in LLAMA}
+
+
+def llama_stream(llm, prompt: list[int], n: int):
+    """Greedy tokens from llama.cpp: the prompt evaluated at once, then one token per step."""
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        yield token
+        llm.eval([token])
 
 
 def genai_engine(export_dir: Path, variant: str, threads: int, tmp: Path):
@@ -128,15 +158,18 @@ def measure(args, threads: int, tmp: Path) -> None:
     from serve.runtime import OnnxModel
     from serve.runtime import generate as ort_generate
 
-    ckpt, model, tokenizer = random_checkpoint(tmp / "checkpoint", args.layers, args.heads, args.dim, args.block)
+    ckpt, model, tokenizer = random_checkpoint(tmp / "checkpoint", args.layers, args.heads, args.dim, args.block,
+                                               vocab=args.vocab)
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, len(VOCAB), args.prompt).tolist()
-    long_prompt = rng.integers(0, len(VOCAB), args.block).tolist()
+    vocab = tokenizer.vocab_size - (tokenizer.eot_id is not None)  # never the end-of-text token
+    text = tokenizer.decode(rng.integers(0, vocab, 4 * args.block).tolist())
+    ids = tokenizer.encode(text)  # ids that survive a decode and encode, as the engines take text or ids
+    prompt, long_prompt = ids[:args.prompt], ids[:args.long_prompt or args.block]
     greedy = SamplingParams(greedy=True)
 
     started = time.time()
-    manifest = export(ckpt, tmp / "export", int8=True, int4=True, int8_weights=True, optimize=True, eval_windows=4,
+    manifest = export(ckpt, tmp / "export", int8=True, int4=True, int8_weights=True, optimize=True, eval_tokens=1024,
                       log=lambda s: None)
     export_s = time.time() - started
     engines = {name: OnnxModel(tmp / "export", threads=threads, variant=v) for name, v in ENGINES}
@@ -167,6 +200,14 @@ def measure(args, threads: int, tmp: Path) -> None:
         theirs = list(genai_stream(g, prompt, args.new_tokens))
         agree = theirs == same[ours][:len(theirs)]
         same[name] = "same greedy tokens" if agree else f"greedy tokens differ from {ours!r}"
+    llamas = llama_engines(ckpt, threads, args.block, tmp)
+    for name, (llm, _) in llamas.items():
+        engines_list.append((name, lambda p, n, llm=llm: llama_stream(llm, p, n)))
+        theirs = list(llama_stream(llm, prompt, args.new_tokens))
+        twins = {"llama.cpp f32": "ORT fused fp32", "llama.cpp q8_0": "ORT fused int8 weights"}
+        ours = twins.get(name, "ORT fused int4")
+        agree = sum(a == b for a, b in zip(theirs, same[ours])) / len(theirs)
+        same[name] = f"{agree:.0%} of greedy tokens as {ours!r}"
     for _, stream in engines_list:  # warm up
         list(stream(prompt, 5))
     bandwidth = copy_bandwidth()
@@ -181,7 +222,8 @@ def measure(args, threads: int, tmp: Path) -> None:
 
     bound = bandwidth / weight_bytes
     print(f"machine: {machine()}; {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"model: {args.layers} layers, {args.heads} heads, {args.dim}-d, block {args.block}, vocab {len(VOCAB)}: "
+    print(f"model: {args.layers} layers, {args.heads} heads, {args.dim}-d, block {args.block}, "
+          f"vocab {tokenizer.vocab_size}{' (tied head)' if args.vocab else ''}: "
           f"{weight_bytes / 1e6:.0f} MB of fp32 weights -> fp32 bandwidth bound {bound:.0f} tokens/s; "
           f"export+verify {export_s:.0f}s, parity portable {manifest['parity']['fp32']['max_rel_logit_error']:.1e}, "
           f"fused {manifest['parity']['fused']['max_rel_logit_error']:.1e}")
@@ -190,7 +232,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     print(f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, batch 1, greedy; TTFT pN: a prompt of N tokens "
           f"(genai: {args.block - 1}, its context holds no more); best of {args.rounds} round-robin rounds")
     print(f"{'engine':32s} {'tokens/s':>9s} {'vs cache':>9s} {'TTFT p' + str(args.prompt):>10s} "
-          f"{'TTFT p' + str(args.block):>11s}")
+          f"{'TTFT p' + str(len(long_prompt)):>11s}")
     base = next(r[1][1] for r in rows if r[0] == "PyTorch, KV cache")
     results = {}
     for name, (ttft, rate, _), (long_ttft, _, _) in rows:
@@ -199,6 +241,10 @@ def measure(args, threads: int, tmp: Path) -> None:
         results[name] = {"tokens_per_s": rate, "ttft_ms": ttft * 1000, "ttft_long_ms": long_ttft * 1000}
     if genai_note:
         print(genai_note)
+    if llamas:
+        llama_goals(results, llamas, manifest, tmp / "export", len(long_prompt))
+    else:
+        print("llama-cpp-python not installed: its rows are skipped")
 
     def rate(name):
         return results[name]["tokens_per_s"] if name in results else float("nan")
@@ -207,7 +253,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     quantized = {n: rate(n) for n in ("ORT fused int8 (dynamic)", "ORT fused int4", "ORT fused int8 weights")}
     best = max(quantized, key=quantized.get)
     ttft_best = min((n for n, _ in ENGINES if n.startswith("ORT fused")), key=lambda n: results[n]["ttft_long_ms"])
-    print("goals (issue 9):")
+    print("goals (issue 9, on the seed size):")
     print(f"  best quantized fused ({best}) / portable fp32: {quantized[best] / portable:.2f}x (goal >= 3.5x)")
     print(f"  best quantized fused / genai on the portable int8 graph: "
           f"{quantized[best] / rate('genai portable int8 (dynamic)'):.2f}x (goal >= 2x)")
@@ -219,6 +265,27 @@ def measure(args, threads: int, tmp: Path) -> None:
           ", ".join(f"{v} {q['val_loss_change']:+.4f}" for v, q in quality.items()
                     if isinstance(q, dict) and q.get("val_loss_change") is not None))
     print(json.dumps({"bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bound, **results}))
+
+
+def llama_goals(results: dict, llamas: dict, manifest: dict, export_dir: Path, long: int) -> None:
+    """Ours against llama.cpp on the same weights, same run: decode, prefill, file size, quality."""
+    def rate(name):
+        return results[name]["tokens_per_s"]
+
+    ours = max(("ORT fused int4", "ORT fused int8 weights", "ORT fused int8 (dynamic)"), key=rate)
+    theirs = max(("llama.cpp q8_0", "llama.cpp q4_0"), key=rate)
+    print("goals (issue 20, against llama.cpp):")
+    print(f"  decode, best quantized: ours ({ours}) / llama.cpp ({theirs}): {rate(ours) / rate(theirs):.2f}x "
+          "(goal >= 1.3x)")
+    for a, b in (("ORT fused fp32", "llama.cpp f32"), ("ORT fused int8 weights", "llama.cpp q8_0"),
+                 ("ORT fused int4", "llama.cpp q4_0")):
+        print(f"  prefill of {long} tokens, {a} / {b}: "
+              f"{results[a]['ttft_long_ms'] / results[b]['ttft_long_ms']:.2f}x (goal <= 1.0x)")
+    entry = manifest["graphs"]["fused-int4"]["files"]
+    int4 = entry["bytes"] + entry.get("data", {}).get("bytes", 0)
+    q4 = llamas["llama.cpp q4_0"][1]
+    print(f"  file size: our fused int4 {int4 / 2**20:.1f} MiB / llama.cpp q4_0 {q4 / 2**20:.1f} MiB: {int4 / q4:.2f}x "
+          "(goal <= 1.1x)")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,12 @@ def command_line() -> argparse.ArgumentParser:
                         help=f"held-out tokens for each variant's validation-loss change (default {EVAL_TOKENS})")
     parser.add_argument("--force", action="store_true", help="replace a non-empty EXPORT_DIR")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the default)")
-    parser.add_argument("--format", choices=["onnx", "hf"], default="onnx",
+    parser.add_argument("--format", choices=["onnx", "hf", "gguf"], default="onnx",
                         help="onnx (default): the verified ONNX folder; hf: a transformers GPT2LMHeadModel folder "
-                        "(bpe models) that from_pretrained loads")
+                        "that from_pretrained loads; gguf: model.TYPE.gguf for llama.cpp and ollama (+ a Modelfile)")
+    parser.add_argument("--gguf-type", default="f16", metavar="TYPE[,TYPE...]",
+                        help="--format gguf: f32, f16 (default), q8_0, q5_0, q5_1, q4_0, q4_1; several separated by "
+                        "commas")
     return parser
 
 
@@ -76,6 +79,14 @@ def run(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     def work() -> None:
+        if args.format == "gguf":
+            from export.gguf import export_gguf
+
+            export_gguf(args.source, args.export_dir, types=[t.strip() for t in args.gguf_type.split(",") if t.strip()],
+                        force=args.force, checkpoint=args.checkpoint)
+            print(f"wrote {args.export_dir}: run it with llama.cpp (llama-cli -m {args.export_dir}/model.TYPE.gguf) "
+                  "or ollama (ollama create NAME -f Modelfile)")
+            return
         if args.format == "hf":
             if args.int8 or args.fp16 or args.int4 or args.int8_weights or args.optimize:
                 raise ExportError("--int8, --fp16, --int4, --int8-weights and --optimize are ONNX variants: leave "

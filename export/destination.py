@@ -17,6 +17,8 @@ HF_FORMAT = "gpt-hf"
 
 HF_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", HF_REPORT}
 
+GGUF_REPORT, GGUF_FORMAT = HF_REPORT, "gpt-gguf"  # the GGUF folder: model.TYPE.gguf, Modelfile, its report
+
 
 def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str = "onnx") -> None:
     """Refuse a destination the export would destroy something in.
@@ -40,7 +42,8 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str
     if not force:
         raise ExportError(f"{export_dir} exists and is not empty: pass --force to replace an earlier export, or "
                           "choose another EXPORT_DIR")
-    marker, expected = ("manifest.json", FORMAT) if kind == "onnx" else (HF_REPORT, HF_FORMAT)
+    marker, expected = {"onnx": ("manifest.json", FORMAT), "hf": (HF_REPORT, HF_FORMAT),
+                        "gguf": (GGUF_REPORT, GGUF_FORMAT)}[kind]
     try:
         manifest = json.loads((export_dir / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -53,6 +56,9 @@ def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str
         ours = {"manifest.json", "tokenizer.json", "genai_config.json", "tokenizer_config.json"}
         ours |= {str(f) for f in files.values()}
         ours |= {f"{f}.data" for f in files.values()}
+    elif kind == "gguf":
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        ours = {GGUF_REPORT, "Modelfile"} | {str(f.get("file")) for f in files.values() if isinstance(f, dict)}
     else:
         ours = HF_EXPORT_FILES
     foreign = [name for name in entries if name not in ours]

@@ -105,6 +105,12 @@ class DataConfig:
 
 
 
+OPTIMIZERS = ("adamw", "muon")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "csv")
+# keys of earlier versions, and what to write instead
+RENAMED = {("train", "tensorboard"): "use train.log_with=tensorboard (or none, wandb, mlflow, csv)"}
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop, checkpoints and the machine it runs on."""
@@ -132,7 +138,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
     dist_timeout_s: int = 300  # a rank stuck in a collective this long ends the job
-    tensorboard: bool = False  # log through Accelerate's TensorBoard tracker if installed
+    optimizer: str = "adamw"  # adamw (nanoGPT's) | muon (the blocks' matrices; AdamW for the rest): launch/optim.py
+    muon_momentum: float = 0.95  # muon: momentum of the orthogonalised (Nesterov) update
+    embedding_lr: float | None = None  # muon: AdamW's peak lr for embeddings and head; default learning_rate
+    embedding_weight_decay: float | None = None  # muon: AdamW's decay for embeddings and head; default weight_decay
+    scalar_lr: float | None = None  # muon: AdamW's peak lr for LayerNorm gains and biases (never decayed)
+    log_with: str = "none"  # none | tensorboard | wandb | mlflow | csv: also log to this tracker (Accelerate's)
 
     def problems(self) -> list[str]:
         out = []
@@ -157,6 +168,15 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"train.optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.muon_momentum < 1:
+            out.append(f"train.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        for name in ("embedding_lr", "scalar_lr", "embedding_weight_decay"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                out.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.log_with not in TRACKERS:
+            out.append(f"train.log_with={self.log_with!r} must be one of {', '.join(TRACKERS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             out.append(f"train.device={self.device!r} must be one of auto, cpu, cuda")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -245,6 +265,9 @@ def build(cls: type, data: dict[str, Any], section: str, problems: list[str]) ->
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if (section, key) in RENAMED:
+            problems.append(f"{section}.{key} was replaced: {RENAMED[section, key]}")
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known: {', '.join(names)})"

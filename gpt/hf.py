@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from gpt.tokenizer import EOT, BPETokenizer, Tokenizer, load_tokenizer
+from gpt.tokenizer import EOT, BPETokenizer, Tokenizer, byte_level_twin, load_tokenizer
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored (in, out)
@@ -150,9 +150,11 @@ def import_gpt2(folder: Path, config: ModelConfig | None = None) -> GPT:
 def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     """Write `folder` as transformers writes a GPT2LMHeadModel: config.json, model.safetensors, the tokenizer."""
     c = model.config
-    if not isinstance(tokenizer, BPETokenizer):
-        raise HFError("transformers reads byte-level BPE tokenizers, not a char vocabulary: export a bpe model "
-                      "(data.tokenizer=bpe) to this format, or use the ONNX export")
+    if not isinstance(tokenizer, BPETokenizer):  # a char vocabulary, as the byte-level BPE giving the same ids
+        try:
+            tokenizer = byte_level_twin(tokenizer)
+        except ValueError as e:
+            raise HFError(str(e)) from None
     if not c.bias:
         raise HFError("GPT-2 has biases everywhere: a model trained with model.bias=false cannot be written as GPT-2")
     state = {"transformer.wte.weight": model.token_embedding.weight, "transformer.wpe.weight":

@@ -181,6 +181,31 @@ class BPETokenizer:
 Tokenizer = CharTokenizer | BPETokenizer
 
 
+def char_as_byte_level(tokenizer: CharTokenizer) -> list[str]:
+    """A character vocabulary as a byte-level BPE vocabulary (what llama.cpp and transformers read):
+    each character as the byte-level string of its UTF-8 byte, ids unchanged, and no merges, so each
+    character is its own token. A character of several UTF-8 bytes would need merges to become one
+    token, so such a vocabulary raises ValueError."""
+    wide = [c for c in tokenizer.chars if len(c.encode("utf-8")) > 1]
+    if wide:
+        raise ValueError(f"the character vocabulary holds {len(wide)} character(s) of several UTF-8 bytes "
+                         f"({''.join(wide[:5])!r}), which a byte-level tokenizer cannot produce as one token; "
+                         "export it as ONNX, or train with data.tokenizer=bpe")
+    to_unicode = _bytes_to_unicode()
+    return [to_unicode[c.encode("utf-8")[0]] for c in tokenizer.chars]
+
+
+def byte_level_twin(tokenizer: CharTokenizer) -> BPETokenizer:
+    """The character vocabulary as a Hugging Face byte-level BPE tokenizer giving the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = char_as_byte_level(tokenizer)
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return BPETokenizer(tok)
+
+
 def tokenizer_from_json(text: str) -> Tokenizer:
     """Either kind, from the text of its tokenizer.json."""
     try:

@@ -4,10 +4,8 @@ report of versions and devices that goes into RUN_DIR/run.json."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import platform
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -66,23 +64,19 @@ def make_accelerator(config: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
+    from launch.trackers import log_with
+
     t = config.train
     # Without a GPU, DDP over CPU processes needs Accelerator(cpu=True): otherwise each process
     # started by `accelerate launch --multi_gpu` initialises no process group and believes it is rank 0.
     use_cpu = t.device == "cpu" or not torch.cuda.is_available()
-    log_with = None
-    if t.tensorboard:
-        if importlib.util.find_spec("tensorboard") is not None:
-            log_with = "tensorboard"
-        else:
-            print("train.tensorboard=true but tensorboard is not installed (pip install tensorboard); not logging it",
-                  file=sys.stderr)
+    logging_dir = str(Path(t.out_dir) / "tracking")
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=str(Path(t.out_dir) / "tensorboard")),
+        log_with=log_with(t.log_with, logging_dir),
+        project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=logging_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
         # prepare() compiles after wrapping in DDP, so unwrap_model(keep_torch_compile=False) gives
         # back the plain model and checkpoints keep plain keys (compiling first would save `_orig_mod.`)

@@ -41,6 +41,7 @@ from launch.environment import (
 )
 from launch.flops import peak_flops
 from launch.metrics import append_metrics, truncate_metrics
+from launch.optim import make_optimizers, set_lr
 
 
 def get_lr(step: int, config: RunConfig) -> float:
@@ -139,10 +140,8 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     report = environment_report(accelerator, config, model)
     if imported is not None:
         report["init_from"] = imported
-    # fused AdamW: one kernel for all parameters, on CUDA and (since torch 2.4) on CPU
-    optimizer = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.learning_rate,
-                                  betas=(t.beta1, t.beta2), fused=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizers = make_optimizers(model, t, accelerator.device)  # AdamW, or Muon and AdamW (launch/optim.py)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     # From here each rank draws its own random numbers (dropout masks), as nanoGPT offsets the seed
     # by rank; rank 0 keeps the seed, so one process trains as before. Batches do not depend on it.
     from accelerate.utils import set_seed
@@ -160,16 +159,18 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
         else:
             truncate_metrics(out_dir / "metrics.jsonl", start_step)
         write_atomic(out_dir / "run.json", json.dumps({**report, "resumed_from": str(start_from or "")}, indent=2))
-    if t.tensorboard:
-        accelerator.init_trackers("gpt", config={k: v for k, v in vars(t).items() if v is not None})
+    if t.log_with != "none":
+        flat = {f"{section}.{k}": v for section, values in config.to_dict().items() for k, v in values.items()}
+        accelerator.init_trackers("gpt", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                 for k, v in flat.items()})
 
     console = TrainingConsole(t.max_iters, start_step, enabled=accelerator.is_main_process)
     log_start(console, accelerator, config, model_config, report, start_from, start_step, imported)
     try:
-        last = fit(accelerator, model, optimizer, corpus, config, start_step, console, flops_per_token)
+        last = fit(accelerator, model, optimizers, corpus, config, start_step, console, flops_per_token)
     finally:
         console.close()
-    if t.tensorboard:
+    if t.log_with != "none":
         accelerator.end_training()
     if accelerator.is_main_process and importlib.util.find_spec("matplotlib") is not None:
         from launch.plot import plot_losses
@@ -237,7 +238,7 @@ def log_start(console: TrainingConsole, accelerator, config: RunConfig, model_co
 
 # --- fit: the loop ---------------------------------------------------------------------------------
 
-def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfig, start_step: int,
+def fit(accelerator, model, optimizers: list, corpus: TokenizedCorpus, config: RunConfig, start_step: int,
         console: TrainingConsole, flops_per_token: float) -> dict:
     """The loop from start_step to max_iters; returns the last logged and evaluated values."""
     t = config.train
@@ -249,9 +250,8 @@ def fit(accelerator, model, optimizer, corpus: TokenizedCorpus, config: RunConfi
     log.restart_clock()
     for step in range(start_step, t.max_iters):
         lr = get_lr(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        log.add(train_step(accelerator, model, optimizer, corpus.train, config, step))
+        set_lr(optimizers, lr / t.learning_rate)  # every group follows the schedule from its own peak
+        log.add(train_step(accelerator, model, optimizers, corpus.train, config, step))
         done = step + 1
         evaluated = done % t.eval_interval == 0 or done == t.max_iters
         saving = done % t.checkpoint_interval == 0 or done == t.max_iters
@@ -306,7 +306,7 @@ class StepLog:
         self.console.step(done, mean_loss, lr, tps, mfu)
         if a.is_main_process:
             append_metrics(Path(t.out_dir) / "metrics.jsonl", {**record, "time": time.time()})
-        a.log({"train/loss": mean_loss, "lr": lr, "tokens_per_s": tps}, step=done)
+        a.log({"train/loss": mean_loss, "lr": lr, "tokens_per_s": tps, **({"mfu": mfu} if mfu else {})}, step=done)
         self.loss_sum.zero_()
         self.steps = 0
         self.restart_clock()
@@ -330,7 +330,7 @@ def evaluate(accelerator, model, corpus: TokenizedCorpus, config: RunConfig, con
                             f"the last good checkpoint is {latest_checkpoint(config.train.out_dir) or 'none'}")
     return {"eval_train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": bpb, "evaluated_at": done}
 
-def train_step(accelerator, model, optimizer, train_data, config: RunConfig, step: int) -> torch.Tensor:
+def train_step(accelerator, model, optimizers: list, train_data, config: RunConfig, step: int) -> torch.Tensor:
     """One optimizer step: gradient_accumulation_steps micro-batches (this rank's shards of the
     step's global batch), backward, clip, step. Returns the summed micro-batch losses."""
     t, block = config.train, config.model.block_size
@@ -346,8 +346,9 @@ def train_step(accelerator, model, optimizer, train_data, config: RunConfig, ste
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         total += loss.detach().float()
     return total
 

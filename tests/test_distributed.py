@@ -61,10 +61,12 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
 def test_slow_ranks_are_waited_for_and_each_rank_draws_its_own_random_numbers(tmp_path):
     """Rank 1 writes its part of each checkpoint late: nothing is published without it. The rank that
     tokenizes the corpus (into an empty cache) takes longer than the process group's timeout: the other
-    rank waits on the cache's lock, not in a collective. With dropout, the ranks draw different masks."""
+    rank waits on the cache's lock, not in a collective. With dropout, the ranks draw different masks.
+    With Muon, each rank orthogonalises the same averaged gradient: the replicas stay identical."""
     out = tmp_path / "slow"
     proc = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY), f"--train.out_dir={out}",
                       *COMMON, "--train.checkpoint_interval=10", "--slow-save-rank", "1", "--model.dropout=0.1",
+                      "--train.optimizer=muon",
                       "--slow-build-s", "8", "--train.dist_timeout_s=5", GPT_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 1  # one rank tokenized (slowly), once

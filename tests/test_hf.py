@@ -120,10 +120,16 @@ def test_bad_folders_fail_before_training_with_one_line(hf_folder, tmp_path, nam
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_char_model_is_not_written_as_gpt2(run_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "export", str(run_dir), str(tmp_path / "x"), "--format", "hf"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and "byte-level BPE tokenizers, not a char vocabulary" in proc.stderr
+def test_a_char_model_is_written_as_gpt2_with_a_byte_level_twin_of_its_vocabulary(run_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    report = export_hf(run_dir, tmp_path / "x", log=lambda s: None)
+    assert report["parity"]["passed"] and report["parity"]["greedy_identical"]
+    _, ours, _ = load_checkpoint(run_dir)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path / "x"))
+    text = "ROMEO:\nWhat say you, my lord? 3"
+    assert theirs(text)["input_ids"] == ours.encode(text)
+    assert theirs.decode(ours.encode(text)) == text
 
 
 def test_read_config_takes_the_shape_from_the_folder(hf_folder):

@@ -63,7 +63,10 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path, fresh_accelerate):
         setup(str(TINY), [f"--train.out_dir={tmp_path}", "--model.embedding_dim=64"], resume=True)
 
 
-@pytest.mark.parametrize("tokenizer", [[], BPE], ids=["char", "bpe"])
+MUON = ["--train.optimizer=muon", "--train.gradient_accumulation_steps=2"]
+
+
+@pytest.mark.parametrize("tokenizer", [[], BPE, MUON], ids=["char", "bpe", "muon"])
 def test_resume_continues_to_the_same_weights(tmp_path, fresh_accelerate, tokenizer):
     straight = run(tmp_path / "a", "--train.max_iters=40", "--model.dropout=0.1", *tokenizer).model
     # a run folder holding only the step-20 checkpoint of the same run, as a kill after it would leave
@@ -113,9 +116,9 @@ def _launch(out_dir, *extra):
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     """Kill -9 at random moments (mid-step, mid-save), resume each time: bit-identical weights. The
-    whole path once, with the char corpus; resuming a BPE run to the same weights is
-    test_resume_continues_to_the_same_weights[bpe]."""
-    tokenizer = []
+    whole path once, with the char corpus and Muon (its momentum in the checkpoint); resuming AdamW
+    and a BPE run to the same weights is test_resume_continues_to_the_same_weights."""
+    tokenizer = ["--train.optimizer=muon"]
     reference = _launch(tmp_path / "ref", *tokenizer)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
     rng = random.Random(os.environ.get("PYTEST_SEED", "kill"))
@@ -293,7 +296,8 @@ def test_non_finite_floats_and_out_of_range_seeds_fail_before_any_work(tmp_path,
 @pytest.mark.slow
 def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp_path, fresh_accelerate,
                                                                               monkeypatch):
-    """torch.compile + DDP (a one-process gloo group): checkpoints keep plain keys, so export and resume work."""
+    """torch.compile + DDP (a one-process gloo group) + Muon: checkpoints keep plain keys, so export and
+    resume work."""
     import torch.distributed as dist
 
     port = free_port()
@@ -301,7 +305,8 @@ def test_compile_under_a_process_group_saves_plain_keys_that_load_and_resume(tmp
                            LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
     try:
-        result = run(tmp_path, "--train.max_iters=20", "--train.compile=true", "--train.checkpoint_interval=10")
+        result = run(tmp_path, "--train.max_iters=20", "--train.compile=true", "--train.checkpoint_interval=10",
+                     "--train.optimizer=muon")
         assert json.loads((tmp_path / "run.json").read_text())["distributed_type"] == "DistributedType.MULTI_CPU"
         keys = set(load_file(str(tmp_path / "checkpoints" / "step-000020" / "model.safetensors")))
         assert not any("_orig_mod" in k or k.startswith("module.") for k in keys)
