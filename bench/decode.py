@@ -253,7 +253,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     quantized = {n: rate(n) for n in ("ORT fused int8 (dynamic)", "ORT fused int4", "ORT fused int8 weights")}
     best = max(quantized, key=quantized.get)
     ttft_best = min((n for n, _ in ENGINES if n.startswith("ORT fused")), key=lambda n: results[n]["ttft_long_ms"])
-    print("goals (issue 9, on the seed size):")
+    print("goals (issue 9, set for the seed size):")
     print(f"  best quantized fused ({best}) / portable fp32: {quantized[best] / portable:.2f}x (goal >= 3.5x)")
     print(f"  best quantized fused / genai on the portable int8 graph: "
           f"{quantized[best] / rate('genai portable int8 (dynamic)'):.2f}x (goal >= 2x)")
