@@ -97,3 +97,23 @@ def test_a_stale_data_file_from_an_earlier_attempt_is_replaced(tmp_path):
     assert onnxfile.save(model, path, external_data_above=0) == onnxfile.data_file(path)
     assert onnxfile.data_file(path).stat().st_size == 4096 * 4
     assert onnxfile.save(model, path) is None and not onnxfile.data_file(path).exists()
+
+
+def test_every_variant_takes_the_external_data_path(run_dir, tmp_path):
+    """fp16, int8 weights and their fused twins (the BPE fixture covers int8 and int4) past a 0-byte threshold."""
+    import numpy as np
+
+    dest = tmp_path / "all"
+    manifest = export(run_dir, dest, fp16=True, int8_weights=True, optimize=True, external_data_above=0,
+                      eval_tokens=256, log=lambda s: None)
+    for variant in ("fp16", "int8w", "fused", "fused-fp16", "fused-int8w"):
+        name = manifest["files"][variant]
+        assert (dest / f"{name}.data").is_file() and manifest["graphs"][variant]["files"]["data"]["bytes"] > 0, variant
+        if variant == "fused-fp16":  # fp16 GroupQueryAttention is a CUDA kernel: checked on a GPU (tests/test_gpu.py)
+            continue
+        model = OnnxModel(dest, threads=1, variant=variant)
+        ids = np.array([[1, 2, 3]])
+        logits, _ = model.run(ids, np.ones((1, 3), np.int64), np.arange(3)[None], model.empty_cache(1))
+        assert np.isfinite(logits).all(), variant
+    assert sorted(p.name for p in dest.iterdir() if not p.name.endswith((".onnx", ".onnx.data"))) == [
+        "manifest.json", "tokenizer.json"]
