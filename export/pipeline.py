@@ -14,6 +14,7 @@ manifest held in memory, so manifest.json is written once, complete, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -69,16 +70,16 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
                           f"embedding_dim is {model.config.embedding_dim}: use --int8 (dynamic) instead")
     options = {"int8": int8, "fp16": fp16, "int4": int4, "int8_weights": int8_weights, "optimize": optimize,
                "opset": opset, "external_data_above": external_data_above}
-    started, clock = time.time(), time.perf_counter()
+    started, timings = time.time(), {}
     with staging(export_dir) as tmp:
-        exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-        graph = settle(tmp / VARIANTS["fp32"], external_data_above)
-        trace_seconds = time.perf_counter() - clock
+        with timed(timings, "trace"):
+            exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
+            graph = settle(tmp / VARIANTS["fp32"], external_data_above)
         log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}"
             f"{data_note(tmp / VARIANTS['fp32'])}")
         manifest = describe(model, tokenizer, meta, folder, checkpoint, graph, exporter, options,
                             tmp / VARIANTS["fp32"])
-        manifest["timings"] = {"trace": round(trace_seconds, 1)}
+        manifest["timings"] = timings
         tokenizer.save(tmp / "tokenizer.json")
         verify_portable(model, tmp, manifest, log)
         if optimize:
@@ -131,6 +132,14 @@ def settle(path: Path, external_data_above: int) -> dict:
     return graph
 
 
+@contextlib.contextmanager
+def timed(timings: dict, step: str):
+    """Record a step's wall seconds in the manifest's `timings`."""
+    clock = time.perf_counter()
+    yield
+    timings[step] = round(time.perf_counter() - clock, 1)
+
+
 def release_memory() -> None:
     """Give a closed session's memory back to the system before the next graph is opened: collect it,
     and (glibc) return the freed heap, which malloc would otherwise keep for this process."""
@@ -150,12 +159,11 @@ def data_note(path: Path) -> str:
 
 def verify_portable(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
     """The parity grid and greedy identity; a graph that fails either is not written."""
-    clock = time.perf_counter()
-    runtime = OnnxModel(tmp, threads=0, manifest=manifest)
-    parity = parity_grid(model, runtime)
-    greedy = greedy_parity(model, runtime)
+    with timed(manifest["timings"], "verify"):
+        runtime = OnnxModel(tmp, threads=0, manifest=manifest)
+        parity = parity_grid(model, runtime)
+        greedy = greedy_parity(model, runtime)
     manifest["parity"] = {"fp32": parity, "greedy": greedy}
-    manifest["timings"]["verify"] = round(time.perf_counter() - clock, 1)
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
         f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
     del runtime
@@ -166,21 +174,21 @@ def verify_portable(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], 
 def add_fused(model: GPT, tmp: Path, manifest: dict, external_data_above: int, log: Callable[[str], None]) -> None:
     """Write the fused graph (export/fused.py) and hold it to the portable graph's gates: the parity grid
     (with ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
-    path, clock = tmp / VARIANTS["fused"], time.perf_counter()
-    build_fused(model, path, opset=manifest["opset"])
-    graph = settle(path, external_data_above)
-    manifest["timings"]["fused"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+    path = tmp / VARIANTS["fused"]
+    with timed(manifest["timings"], "fused"):
+        build_fused(model, path, opset=manifest["opset"])
+        graph = settle(path, external_data_above)
     manifest["files"]["fused"] = VARIANTS["fused"]
     manifest["graphs"]["fused"] = graph_entry(graph, "shared", "float32", path)
     try:
-        runtime = OnnxModel(tmp, variant="fused", manifest=manifest)
-        parity, greedy = shared_parity_grid(model, runtime), greedy_parity(model, runtime)
+        with timed(manifest["timings"], "verify fused"):
+            runtime = OnnxModel(tmp, variant="fused", manifest=manifest)
+            parity, greedy = shared_parity_grid(model, runtime), greedy_parity(model, runtime)
     except Exception as e:  # onnxruntime refusing the graph is a failed gate too, reported in one line
         raise ExportError(f"onnxruntime could not run the fused graph ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); export without "
                           "--optimize") from None
     manifest["parity"]["fused"], manifest["parity"]["fused_greedy"] = parity, greedy
-    manifest["timings"]["verify fused"] = round(time.perf_counter() - clock, 1)
     del runtime
     release_memory()
     fused = ", ".join(f"{graph['ops'].get(op, 0)} {op}" for op in FUSED_OPS)
@@ -193,18 +201,16 @@ def add_variants(model: GPT, tmp: Path, manifest: dict, folder: Path, variants: 
                  external_data_above: int, log: Callable[[str], None]) -> dict:
     """Write each quantized variant, check its logits are finite, and measure its validation-loss change
     on `eval_tokens` held-out tokens against the PyTorch model's (which the fp32 graphs match)."""
-    clock = time.perf_counter()
-    windows, why = validation_windows(folder, model.config.block_size, eval_tokens)
-    base = torch_validation_loss(model, windows) if windows is not None else None
-    manifest["timings"]["verify baseline"] = round(time.perf_counter() - clock, 1)
+    with timed(manifest["timings"], "verify baseline"):
+        windows, why = validation_windows(folder, model.config.block_size, eval_tokens)
+        base = torch_validation_loss(model, windows) if windows is not None else None
     quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows),
                "tokens": 0 if windows is None else int(windows[:, 1:].size)}
     for variant in variants:
         fused, kind = variant.startswith("fused-"), variant.removeprefix("fused-")
-        clock = time.perf_counter()
-        path = write_variant(model, tmp, variant, manifest["opset"], external_data_above)
-        graph = settle(path, external_data_above)
-        manifest["timings"][variant] = round(time.perf_counter() - clock, 1)
+        with timed(manifest["timings"], variant):
+            path = write_variant(model, tmp, variant, manifest["opset"])
+            graph = settle(path, external_data_above)
         manifest["files"][variant] = VARIANTS[variant]
         manifest["graphs"][variant] = graph_entry(graph, "shared" if fused else "concat",
                                                   "float16" if fused and kind == "fp16" else "float32", path)
@@ -215,9 +221,8 @@ def add_variants(model: GPT, tmp: Path, manifest: dict, folder: Path, variants: 
         entry = {"file": VARIANTS[variant]}
         if kind in ("int4", "int8w"):
             entry |= {"op": "MatMulNBits", "block_size": NBITS_BLOCK, "accuracy_level": NBITS_ACCURACY}
-        clock = time.perf_counter()
-        quality[variant] = entry | variant_quality(quantized, windows, base, why, variant, log)
-        manifest["timings"][f"verify {variant}"] = round(time.perf_counter() - clock, 1)
+        with timed(manifest["timings"], f"verify {variant}"):
+            quality[variant] = entry | variant_quality(quantized, windows, base, why, variant, log)
         del quantized  # one session at a time
         release_memory()
     return quality

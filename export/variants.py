@@ -19,11 +19,10 @@ import numpy as np
 
 from export import onnxfile
 from export.fused import build_fused
-from export.onnxfile import EXTERNAL_DATA_ABOVE
 from serve.manifest import VARIANTS, ExportError
 
 
-def quantize_int8(src: Path, dst: Path, external_data_above: int) -> None:
+def quantize_int8(src: Path, dst: Path) -> None:
     """onnxruntime's dynamic int8 quantization (weights int8, activations quantized per call), after
     its recommended pre-processing (shape inference and graph optimisation). Both steps write through
     paths; a source with external data is quantized to a graph with external data (one file,
@@ -48,8 +47,6 @@ def quantize_int8(src: Path, dst: Path, external_data_above: int) -> None:
     finally:
         pre.unlink(missing_ok=True)
         onnxfile.data_file(pre).unlink(missing_ok=True)
-    if external and onnxfile.weight_bytes(onnxfile.load(dst, weights=False)) <= external_data_above:
-        onnxfile.save(onnxfile.load(dst), dst, external_data_above)  # small enough for one file after all
 
 
 # MatMulNBits settings, chosen by measurement on the CPU config: block 32 changed validation loss least
@@ -58,7 +55,7 @@ def quantize_int8(src: Path, dst: Path, external_data_above: int) -> None:
 NBITS_BLOCK, NBITS_ACCURACY = 32, 4
 
 
-def quantize_nbits(src: Path, dst: Path, external_data_above: int, bits: int) -> None:
+def quantize_nbits(src: Path, dst: Path, bits: int) -> None:
     """Weight-only quantization of every MatMul with a constant 2-D weight to `bits` bits: MatMulNBits,
     symmetric, blocks of NBITS_BLOCK along K, onnxruntime's own C++ quantizer for the values. A bias
     added right after (a constant Add with no other reader) becomes MatMulNBits' bias input.
@@ -145,13 +142,13 @@ def _quantize_block(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
     return packed, scales
 
 
-def convert_fp16(src: Path, dst: Path, external_data_above: int) -> None:
+def convert_fp16(src: Path, dst: Path) -> None:
     """fp16 weights and compute, fp32 graph inputs and outputs (so callers need no change)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnxfile.load(src), keep_io_types=True)
     _topological_sort(model.graph)  # the converter appends its input casts after their users
-    onnxfile.save(model, dst, external_data_above)
+    onnxfile.save(model, dst, external_data_above=0)  # the weights beside it; finish() packs them if small
 
 
 def _topological_sort(graph) -> None:
@@ -176,16 +173,15 @@ MAKERS = {"int8": quantize_int8, "fp16": convert_fp16, "int4": functools.partial
           "int8w": functools.partial(quantize_nbits, bits=8)}
 
 
-def write_variant(model, folder: Path, variant: str, opset: int,
-                  external_data_above: int = EXTERNAL_DATA_ABOVE) -> Path:
+def write_variant(model, folder: Path, variant: str, opset: int) -> Path:
     """Write `variant` (int8, fp16, int4, int8w, or fused-... of each) into `folder` from the graph it
     derives from, already there; returns its path. Its weights may be in NAME.onnx.data: the caller
-    checks the graph, then export.onnxfile.finish packs them in when under `external_data_above`."""
+    checks the graph, then export.onnxfile.finish packs them in when they are under the threshold."""
     fused = variant.startswith("fused-")
     kind = variant.removeprefix("fused-")
     source, target = folder / VARIANTS["fused" if fused else "fp32"], folder / VARIANTS[variant]
     if fused and kind == "fp16":  # written directly: GroupQueryAttention's cache must be fp16 too
         build_fused(model, target, opset=opset, dtype="float16")
     else:
-        MAKERS[kind](source, target, external_data_above)
+        MAKERS[kind](source, target)
     return target
