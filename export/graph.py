@@ -3,6 +3,7 @@
     ExportGraph      the graph's signature: named tensors in and out, in the Optimum convention
     trace()          the dynamo exporter (TorchScript only when asked for, and said in the manifest); the
                      weights in NAME.onnx.data past the external-data threshold (export/onnxfile.py)
+    trace_checkpoint() the same in a process of its own, for big models (the exporter keeps the model)
     check_graph()    onnx's full checker, no `If` node, and a description of the graph for the manifest
 
 The graph has no `If` node: a zero-length past is the prefill case.
@@ -21,6 +22,7 @@ import torch.nn as nn
 
 from export import onnxfile
 from export.onnxfile import EXTERNAL_DATA_ABOVE
+from gpt.config import ModelConfig
 from gpt.model import GPT
 from serve.manifest import ExportError, input_names, output_names
 
@@ -39,9 +41,9 @@ class ExportGraph(nn.Module):
         return out.logits, [(k, v) for k, v in out.present]
 
 
-def example_inputs(model: GPT, batch: int, seq: int, past: int, left_pad: int = 0, seed: int = 0):
-    """Inputs for the graph: `past` cached tokens and `seq` new ones, the first `left_pad` of them padding."""
-    c = model.config
+def example_inputs(c: ModelConfig, batch: int, seq: int, past: int, left_pad: int = 0, seed: int = 0):
+    """Inputs for the graph: `past` cached tokens and `seq` new ones, the first `left_pad` of them padding
+    (the same for the same arguments: the gates make them again to check each graph)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq, dtype=torch.long)
@@ -65,7 +67,7 @@ def trace(model: GPT, path: Path, opset: int, exporter: str = "dynamo",
         raise ExportError(f"--exporter {exporter!r} is unknown: use one of {', '.join(EXPORTERS)}")
     graph = ExportGraph(model).eval()
     # example sizes for dynamic dims must not be 0 or 1, or the exporter specialises on them
-    args = example_inputs(model, batch=2, seq=3, past=4)
+    args = example_inputs(model.config, batch=2, seq=3, past=4)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
@@ -84,6 +86,33 @@ def trace(model: GPT, path: Path, opset: int, exporter: str = "dynamo",
         raise ExportError(f"the {exporter} exporter failed ({error}); {fix}") from e
     _name_mask_dim(path)
     return exporter
+
+
+# Past this many bytes of weights the trace runs in a process of its own (trace_checkpoint): the
+# exporter keeps references to the model it traced (torch.export's graph holds its parameters) after
+# it returns, and only the end of a process gives that memory back.
+TRACE_APART_ABOVE = 2**26
+
+
+def trace_checkpoint(folder: Path, path: Path, opset: int, exporter: str = "dynamo",
+                     external_data_above: int = EXTERNAL_DATA_ABOVE) -> str:
+    """`trace` of the checkpoint in `folder`, in a fresh process (spawned, with this one's torch
+    threads) that loads the model itself: when it returns, all the memory the trace took is back.
+    An ExportError there is raised here, the same line."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_trace_apart, folder, path, opset, exporter, external_data_above,
+                           torch.get_num_threads()).result()
+
+
+def _trace_apart(folder: Path, path: Path, opset: int, exporter: str, external_data_above: int, threads: int) -> str:
+    from gpt.checkpoint import load_checkpoint
+
+    torch.set_num_threads(threads)
+    model, _, _ = load_checkpoint(folder)
+    return trace(model.float().eval(), path, opset, exporter, external_data_above)
 
 
 def _dynamo(graph: ExportGraph, args, path: Path, opset: int) -> None:

@@ -1,15 +1,20 @@
 """A checkpoint to a verified ONNX export folder, as a list of named steps.
 
     export()   load the checkpoint → trace the portable graph and check it (export/graph.py) →
-               verify it against PyTorch: the parity grid and 200 greedy tokens (export/verify.py) →
-               (--optimize) the fused graph from the same weights (export/fused.py), through the same
-               gates → genai_config.json (export/genai.py) → int8 / int4 / int8-weights / fp16 variants
-               (export/variants.py) with their validation-loss change → manifest.json, written once →
-               publish the folder (export/destination.py)
+               PyTorch's side of every gate, computed once (export/verify.py: the parity grids, 200
+               greedy tokens, the validation loss) → (--optimize) the fused graph from the same weights
+               (export/fused.py) → int8 / int4 / int8-weights / fp16 variants (export/variants.py) →
+               release the PyTorch model → each graph through its gates, one onnxruntime session at a
+               time → pack the graphs under the external-data threshold into one file each →
+               genai_config.json (export/genai.py) → manifest.json, written once → publish the folder
+               (export/destination.py)
 
 The folder is built in a staging folder beside EXPORT_DIR (gpt.files.staging), flushed to disk and
-renamed at the end, so a failed export leaves nothing behind. The runtime checks each graph from the
-manifest held in memory, so manifest.json is written once, complete, at the end.
+renamed at the end, so a failed export, a failed gate included, leaves nothing behind. The graphs
+keep their weights in NAME.onnx.data until every gate has passed (onnxruntime maps them rather than
+copying them), and the PyTorch model is gone before the first session opens: the peak is the
+larger of the model and one session, not their sum. The runtime checks each graph from the manifest
+held in memory, so manifest.json is written once, complete, at the end.
 """
 
 from __future__ import annotations
@@ -25,25 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import onnxfile
+from export import onnxfile, verify
 from export.destination import check_destination, publish
 from export.fused import FUSED_OPS, build_fused
 from export.genai import write_genai_config
-from export.graph import check_graph, example_inputs, trace
+from export.graph import EXPORTERS, TRACE_APART_ABOVE, check_graph, example_inputs, trace, trace_checkpoint
 from export.onnxfile import EXTERNAL_DATA_ABOVE
-from export.variants import NBITS_ACCURACY, NBITS_BLOCK, write_variant
-from export.verify import (
-    FP32_TOLERANCE,
-    QUANTIZED_LOSS_WARNING,
-    greedy_parity,
-    parity_grid,
-    require,
-    shared_parity_grid,
-    torch_validation_loss,
-    validation_loss,
-    validation_windows,
-)
+from export.variants import NBITS_ACCURACY, NBITS_BLOCKS, nbits_block, write_variant
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
+from gpt.config import ModelConfig
 from gpt.files import sha256_file, staging
 from gpt.model import GPT
 from gpt.tokenizer import tokenizer_sha256
@@ -58,78 +53,120 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest.
 
     Each graph is NAME.onnx, with its weights in NAME.onnx.data when they pass `external_data_above`
-    bytes (default: what protobuf allows). Each session is closed when its gate is passed, so at most
-    one graph's weights are held beside the PyTorch model's."""
+    bytes (default: what protobuf allows). The PyTorch model is released before the first onnxruntime
+    session opens, and each session is closed when its gates are passed."""
     export_dir = Path(export_dir)
     folder = resolve_checkpoint(source, checkpoint)
     check_destination(export_dir, folder, force)
     model, tokenizer, meta = load_checkpoint(folder)
     model.float().eval()
-    if (int4 or int8_weights) and model.config.embedding_dim % NBITS_BLOCK:
-        raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCK} inputs, and this model's "
-                          f"embedding_dim is {model.config.embedding_dim}: use --int8 (dynamic) instead")
+    config = model.config
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is unknown: use one of {', '.join(EXPORTERS)}")
+    if (int4 or int8_weights) and not nbits_block(config.embedding_dim):
+        raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCKS[-1]} inputs, and this "
+                          f"model's embedding_dim is {config.embedding_dim}: use --int8 (dynamic) instead")
     options = {"int8": int8, "fp16": fp16, "int4": int4, "int8_weights": int8_weights, "optimize": optimize,
                "opset": opset, "external_data_above": external_data_above}
+    wanted = [v for v, flag in (("int8", int8), ("fp16", fp16), ("int4", int4), ("int8w", int8_weights)) if flag]
+    variants = wanted + ([f"fused-{v}" for v in wanted] if optimize else [])
     started, timings = time.time(), {}
     with staging(export_dir) as tmp:
+        references, graphs = from_model(model, tokenizer, folder, tmp, variants, optimize, opset, eval_tokens, timings)
         with timed(timings, "trace"):
-            exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-            graph = settle(tmp / VARIANTS["fp32"], external_data_above)
-        log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}"
-            f"{data_note(tmp / VARIANTS['fp32'])}")
-        manifest = describe(model, tokenizer, meta, folder, checkpoint, graph, exporter, options,
-                            tmp / VARIANTS["fp32"])
+            if weight_bytes(model) > TRACE_APART_ABOVE:  # the exporter would keep the model: trace apart
+                del model
+                release_memory()
+                exporter = trace_checkpoint(folder, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
+            else:
+                exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
+                del model
+            release_memory()  # the gates need only the references from here on
+            graph = check_graph(tmp / VARIANTS["fp32"])
+        log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
+        for variant in [v for v in variants if not v.startswith("fused-")]:
+            with timed(timings, variant):
+                graphs[variant] = check_graph(write_variant(config, tmp, variant, opset))
+        manifest = describe(config, tokenizer, meta, folder, checkpoint, graph, exporter, options)
         manifest["timings"] = timings
+        for variant in ["fused", *variants]:
+            if variant in graphs:
+                add_graph(manifest, variant, graphs[variant])
         tokenizer.save(tmp / "tokenizer.json")
-        verify_portable(model, tmp, manifest, log)
-        if optimize:
-            add_fused(model, tmp, manifest, external_data_above, log)
+        verify_all(references, tmp, manifest, variants, optimize, log)
+        with timed(timings, "pack"):
+            for variant, name in manifest["files"].items():
+                onnxfile.finish(tmp / name, external_data_above)
+                manifest["graphs"][variant]["files"] = onnxfile.describe_files(tmp / name)
+        log(f"graphs: {files_note(manifest)}")
         manifest["genai"] = write_genai_config(tmp, manifest, tokenizer)
-        wanted = [v for v, flag in (("int8", int8), ("fp16", fp16), ("int4", int4), ("int8w", int8_weights)) if flag]
-        variants = wanted + ([f"fused-{v}" for v in wanted] if optimize else [])
-        if variants:
-            manifest["quality"] = add_variants(model, tmp, manifest, folder, variants, eval_tokens,
-                                               external_data_above, log)
         manifest["export_seconds"] = round(time.time() - started, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         publish(tmp, export_dir, folder, force, kind="onnx")
     return manifest
 
 
-def describe(model: GPT, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
-             options: dict, path: Path) -> dict:
+def from_model(model: GPT, tokenizer, folder: Path, tmp: Path, variants: list[str], optimize: bool, opset: int,
+               eval_tokens: int, timings: dict) -> tuple[dict, dict]:
+    """Everything that needs the PyTorch model but the trace: PyTorch's side of every gate, the fused
+    graph and its variants. Returns (the references, {variant: check_graph's report})."""
+    graphs = {}
+    with timed(timings, "verify references"):
+        references = verify.references(model, tokenizer, optimize, folder, eval_tokens if variants else 0)
+    if optimize:
+        with timed(timings, "fused"):
+            build_fused(model, tmp / VARIANTS["fused"], opset=opset)
+            graphs["fused"] = check_graph(tmp / VARIANTS["fused"])
+    for variant in [v for v in variants if v.startswith("fused-")]:
+        with timed(timings, variant):
+            graphs[variant] = check_graph(write_variant(model.config, tmp, variant, opset, model))
+    return references, graphs
+
+
+def weight_bytes(model: GPT) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def verify_all(references: dict, tmp: Path, manifest: dict, variants: list[str], optimize: bool,
+               log: Callable[[str], None]) -> None:
+    """Every graph through its gates, one session at a time: a failed gate fails the export."""
+    verify_portable(references, tmp, manifest, log)
+    if optimize:
+        verify_fused(references, tmp, manifest, log)
+    if variants:
+        manifest["quality"] = verify_variants(references, tmp, manifest, variants, log)
+
+
+def describe(config: ModelConfig, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
+             options: dict) -> dict:
     """The manifest: what the folder holds and where it came from (each step adds its results)."""
     import onnxruntime
 
-    return {
+    manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": asdict(model.config),
+        "model": asdict(config),
         "tokenizer": {"kind": tokenizer.kind, "file": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer),
                       "eot_id": tokenizer.eot_id},
         "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
-        "files": {"fp32": VARIANTS["fp32"]},
-        "graphs": {"fp32": graph_entry(graph, "concat", "float32", path)},
+        "files": {}, "graphs": {},
         "export_options": {**options, "exporter": exporter, "torch": torch.__version__,
                            "onnxruntime": onnxruntime.__version__},
         "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
                    "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
                    "model_sha256": sha256_file(folder / "model.safetensors")},
     }
+    add_graph(manifest, "fp32", graph)
+    return manifest
 
 
-def graph_entry(graph: dict, cache: str, cache_dtype: str, path: Path) -> dict:
-    """A model file's line in the manifest's `graphs`: its kind of cache, the ops it uses, and its
-    files (the graph, and its external data file if it has one) with their sizes and sha256."""
-    return {"cache": cache, "cache_dtype": cache_dtype, "nodes": graph["nodes"], "ops": graph["ops"],
-            "files": onnxfile.describe_files(path)}
-
-
-def settle(path: Path, external_data_above: int) -> dict:
-    """Check a graph just written (its weights still in NAME.onnx.data, so the checker reads none of
-    them), then pack them into NAME.onnx if they are under the threshold; returns check_graph's report."""
-    graph = check_graph(path)
-    onnxfile.finish(path, external_data_above)
-    return graph
+def add_graph(manifest: dict, variant: str, graph: dict) -> None:
+    """A model file's lines in the manifest: its name in `files`, and in `graphs` its kind of cache and
+    the ops it uses (its `files`, sizes and sha256 of the graph and its data file, once it is packed)."""
+    fused, kind = variant.startswith("fused"), variant.removeprefix("fused-")
+    manifest["files"][variant] = VARIANTS[variant]
+    manifest["graphs"][variant] = {"cache": "shared" if fused else "concat",
+                                   "cache_dtype": "float16" if fused and kind == "fp16" else "float32",
+                                   "nodes": graph["nodes"], "ops": graph["ops"], "files": {}}
 
 
 @contextlib.contextmanager
@@ -141,8 +178,8 @@ def timed(timings: dict, step: str):
 
 
 def release_memory() -> None:
-    """Give a closed session's memory back to the system before the next graph is opened: collect it,
-    and (glibc) return the freed heap, which malloc would otherwise keep for this process."""
+    """Give freed memory back to the system before the next graph is opened: collect it, and (glibc)
+    return the freed heap, which malloc would otherwise keep for this process."""
     gc.collect()
     try:
         import ctypes
@@ -152,79 +189,71 @@ def release_memory() -> None:
         pass
 
 
-def data_note(path: Path) -> str:
-    data = onnxfile.data_file(path)
-    return f" (weights in {data.name}, {data.stat().st_size / 2**30:.2f} GiB)" if data.is_file() else ""
+@contextlib.contextmanager
+def session(tmp: Path, manifest: dict, variant: str, what: str, fix: str, **kwargs):
+    """One graph's onnxruntime session for its gates, closed (and its memory returned) after them.
+    onnxruntime refusing the graph is a failed gate too, reported in one line."""
+    try:
+        runtime = OnnxModel(tmp, variant=variant, manifest=manifest, **kwargs)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"onnxruntime could not run {what} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); {fix}") from None
+    try:
+        yield runtime
+    finally:
+        del runtime
+        release_memory()
 
 
-def verify_portable(model: GPT, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
-    """The parity grid and greedy identity; a graph that fails either is not written."""
-    with timed(manifest["timings"], "verify"):
-        runtime = OnnxModel(tmp, threads=0, manifest=manifest)
-        parity = parity_grid(model, runtime)
-        greedy = greedy_parity(model, runtime)
+def verify_portable(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
+    """The parity grid and greedy identity; a graph that fails either fails the export."""
+    with timed(manifest["timings"], "verify"), session(tmp, manifest, "fp32", "the portable graph",
+                                                       "the export is not usable", threads=0) as runtime:
+        parity = verify.parity_grid(references["parity"], runtime)
+        greedy = verify.greedy_parity(references["greedy"], runtime)
     manifest["parity"] = {"fp32": parity, "greedy": greedy}
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
-        f"(tolerance {FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    del runtime
-    release_memory()
-    require(parity, greedy, "ONNX Runtime", "the export is not usable")
+        f"(tolerance {verify.FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
+    verify.require(parity, greedy, "ONNX Runtime", "the export is not usable")
 
 
-def add_fused(model: GPT, tmp: Path, manifest: dict, external_data_above: int, log: Callable[[str], None]) -> None:
-    """Write the fused graph (export/fused.py) and hold it to the portable graph's gates: the parity grid
-    (with ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
-    path = tmp / VARIANTS["fused"]
-    with timed(manifest["timings"], "fused"):
-        build_fused(model, path, opset=manifest["opset"])
-        graph = settle(path, external_data_above)
-    manifest["files"]["fused"] = VARIANTS["fused"]
-    manifest["graphs"]["fused"] = graph_entry(graph, "shared", "float32", path)
-    try:
-        with timed(manifest["timings"], "verify fused"):
-            runtime = OnnxModel(tmp, variant="fused", manifest=manifest)
-            parity, greedy = shared_parity_grid(model, runtime), greedy_parity(model, runtime)
-    except Exception as e:  # onnxruntime refusing the graph is a failed gate too, reported in one line
-        raise ExportError(f"onnxruntime could not run the fused graph ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); export without "
-                          "--optimize") from None
+def verify_fused(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
+    """The fused graph (export/fused.py) through the portable graph's gates: the parity grid (with
+    ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
+    with timed(manifest["timings"], "verify fused"), session(tmp, manifest, "fused", "the fused graph",
+                                                             "export without --optimize") as runtime:
+        parity = verify.shared_parity_grid(references["shared"], runtime)
+        greedy = verify.greedy_parity(references["greedy"], runtime)
     manifest["parity"]["fused"], manifest["parity"]["fused_greedy"] = parity, greedy
-    del runtime
-    release_memory()
+    graph = manifest["graphs"]["fused"]
     fused = ", ".join(f"{graph['ops'].get(op, 0)} {op}" for op in FUSED_OPS)
     log(f"fused graph: {graph['nodes']} nodes ({fused}); parity: {parity['cases']} cases, max |Δlogits|/scale "
         f"{parity['max_rel_logit_error']:.2e}; greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    require(parity, greedy, "the fused graph", "export without --optimize")
+    verify.require(parity, greedy, "the fused graph", "export without --optimize")
 
 
-def add_variants(model: GPT, tmp: Path, manifest: dict, folder: Path, variants: list[str], eval_tokens: int,
-                 external_data_above: int, log: Callable[[str], None]) -> dict:
-    """Write each quantized variant, check its logits are finite, and measure its validation-loss change
-    on `eval_tokens` held-out tokens against the PyTorch model's (which the fp32 graphs match)."""
-    with timed(manifest["timings"], "verify baseline"):
-        windows, why = validation_windows(folder, model.config.block_size, eval_tokens)
-        base = torch_validation_loss(model, windows) if windows is not None else None
+def verify_variants(references: dict, tmp: Path, manifest: dict, variants: list[str],
+                    log: Callable[[str], None]) -> dict:
+    """Each quantized variant: finite logits, and its validation-loss change on the held-out tokens
+    against the PyTorch model's (which the fp32 graphs match)."""
+    windows, base, why = references["windows"], references["val_loss"], references["why"]
     quality = {"fp32_val_loss": base, "windows": 0 if windows is None else len(windows),
                "tokens": 0 if windows is None else int(windows[:, 1:].size)}
+    config = references["parity"]["config"]
+    probe = [a.numpy() for a in example_inputs(config, 2, 4, 0)[:3]]
     for variant in variants:
-        fused, kind = variant.startswith("fused-"), variant.removeprefix("fused-")
-        with timed(manifest["timings"], variant):
-            path = write_variant(model, tmp, variant, manifest["opset"])
-            graph = settle(path, external_data_above)
-        manifest["files"][variant] = VARIANTS[variant]
-        manifest["graphs"][variant] = graph_entry(graph, "shared" if fused else "concat",
-                                                  "float16" if fused and kind == "fp16" else "float32", path)
-        quantized = OnnxModel(tmp, variant=variant, manifest=manifest)
-        probe = quantized.run(*[a.numpy() for a in example_inputs(model, 2, 4, 0)[:3]], quantized.empty_cache(2))[0]
-        if not np.isfinite(probe).all():
-            raise ExportError(f"the {variant} model produces NaN/inf logits; export without {VARIANT_FLAGS[variant]}")
-        entry = {"file": VARIANTS[variant]}
-        if kind in ("int4", "int8w"):
-            entry |= {"op": "MatMulNBits", "block_size": NBITS_BLOCK, "accuracy_level": NBITS_ACCURACY}
-        with timed(manifest["timings"], f"verify {variant}"):
+        kind, fix = variant.removeprefix("fused-"), f"export without {VARIANT_FLAGS[variant]}"
+        with timed(manifest["timings"], f"verify {variant}"), \
+                session(tmp, manifest, variant, f"the {variant} graph", fix) as quantized:
+            if not np.isfinite(quantized.run(*probe, quantized.empty_cache(2))[0]).all():
+                raise ExportError(f"the {variant} model produces NaN/inf logits; {fix}")
+            entry = {"file": VARIANTS[variant]}
+            if kind in ("int4", "int8w"):
+                entry |= {"op": "MatMulNBits", "block_size": nbits_block(config.embedding_dim),
+                          "accuracy_level": NBITS_ACCURACY}
             quality[variant] = entry | variant_quality(quantized, windows, base, why, variant, log)
-        del quantized  # one session at a time
-        release_memory()
     return quality
 
 
@@ -234,9 +263,19 @@ def variant_quality(quantized: OnnxModel, windows: np.ndarray | None, base: floa
     if windows is None:
         log(f"{variant}: validation loss not measured: {why}")
         return {"val_loss": None, "note": why}
-    loss = validation_loss(quantized, windows)
+    loss = verify.validation_loss(quantized, windows)
     log(f"{variant}: validation loss {loss:.4f} vs fp32 {base:.4f} ({loss - base:+.4f} nats)")
-    if loss - base > QUANTIZED_LOSS_WARNING:
+    if loss - base > verify.QUANTIZED_LOSS_WARNING:
         log(f"warning: {variant} raises validation loss by {loss - base:.3f} nats "
-            f"(> {QUANTIZED_LOSS_WARNING}); prefer the fp32 model where quality matters")
+            f"(> {verify.QUANTIZED_LOSS_WARNING}); prefer the fp32 model where quality matters")
     return {"val_loss": loss, "val_loss_change": loss - base}
+
+
+def files_note(manifest: dict) -> str:
+    """Each graph's size, and where its weights are: in it, or in its .data file."""
+    parts = []
+    for variant, entry in manifest["graphs"].items():
+        size = entry["files"]["bytes"] + entry["files"].get("data", {}).get("bytes", 0)
+        parts.append(f"{manifest['files'][variant]}{' + .data' if 'data' in entry['files'] else ''} "
+                     f"{size / 2**20:.1f} MiB")
+    return ", ".join(parts)

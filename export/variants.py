@@ -49,65 +49,152 @@ def quantize_int8(src: Path, dst: Path) -> None:
         onnxfile.data_file(pre).unlink(missing_ok=True)
 
 
-# MatMulNBits settings, chosen by measurement on the CPU config: block 32 changed validation loss least
-# (4 bits: +0.0061 nats at 32, +0.0056 at 64, +0.0079 at 128; 8 bits: +0.0001 at all three), and
-# accuracy level 4 (int8 activations in the kernel) decoded fastest at seed size.
-NBITS_BLOCK, NBITS_ACCURACY = 32, 4
+# MatMulNBits settings, chosen by measurement on the CPU config (4 bits: +0.0061 nats of validation loss
+# at block 32, +0.0056 at 64, +0.0079 at 128; 8 bits: +0.0001 at all three): blocks of 64 where the
+# width allows it, as they cost the same bits as llama.cpp's Q4_0 (4 + 32/64 per weight with fp32
+# scales, against 4 + 16/32) at no loss of quality, else 32; accuracy level 4 (int8 activations in
+# the kernel) decoded fastest at seed size.
+NBITS_BLOCKS, NBITS_ACCURACY = (64, 32), 4
 
 
-def quantize_nbits(src: Path, dst: Path, bits: int) -> None:
-    """Weight-only quantization of every MatMul with a constant 2-D weight to `bits` bits: MatMulNBits,
-    symmetric, blocks of NBITS_BLOCK along K, onnxruntime's own C++ quantizer for the values. A bias
-    added right after (a constant Add with no other reader) becomes MatMulNBits' bias input.
+def nbits_block(width: int) -> int | None:
+    """The block MatMulNBits quantizes a model of this embedding width in (None: no block divides it)."""
+    return next((b for b in NBITS_BLOCKS if width % b == 0), None)
 
-    Written here rather than through onnxruntime's MatMulNBitsQuantizer, which loads the whole fp32
-    model and builds the new one beside it: this reads one weight at a time from the source and
-    streams the result to DST.data (packed into DST when small), so a GPT-2-large graph is never in
-    memory. The values and the graph are what that quantizer writes."""
+
+# What quantize_nbits rewrites:
+# - every MatMul with a constant 2-D weight becomes MatMulNBits (a bias added right after, a constant
+#   Add with no other reader, becomes its bias input);
+# - a tied head (a MatMul by the embedding table's transpose, as a Transpose node or as an equal copy)
+#   becomes MatMulNBits on the table's blocks, and the table's Gather becomes GatherBlockQuantized on
+#   the same bytes: one copy at `bits` serves both ends, as one fp32 copy does in the model;
+# - every other embedding table (a Gather on a constant 2-D table: the positions, an untied token
+#   table) becomes GatherBlockQuantized at 8 bits, which loses nothing measurable (on the CPU config,
+#   4-bit tables added 0.004 nats) and costs nothing per token: a lookup dequantizes one row.
+# Written here rather than through onnxruntime's MatMulNBitsQuantizer, which loads the whole fp32 model
+# and builds the new one beside it: this reads one weight at a time from the source and streams the
+# result to DST.data (packed into DST when small), so a GPT-2-large graph is never in memory.
+
+def quantize_nbits(src: Path, dst: Path, bits: int, block: int) -> None:
+    """Weight-only quantization to `bits` bits in blocks of `block` along K, symmetric, with
+    onnxruntime's own C++ quantizer for the values: MatMulNBits and GatherBlockQuantized (see above)."""
     from onnx import helper
 
     model = onnxfile.load(src, weights=False)
     graph = model.graph
     consts = {t.name: t for t in graph.initializer}
     biases = _foldable_biases(graph, consts)
+    tables = {n.input[0] for n in graph.node if _is_table_gather(n, consts, block)}
+    tied = _tied_heads(graph, consts, tables, src.parent)
     weights = onnxfile.WeightFile(dst, external=True)
-    nodes, inits, written, folded = [], [], set(), set()
+    nodes, inits, folded, blocks = [], [], set(), {}
+    shared = set(tied.values())
 
-    def keep(name: str) -> None:
-        if name in consts and name not in written:
-            written.add(name)
-            inits.append(weights.tensor(name, onnxfile.read_tensor(consts[name], src.parent)))
+    def quantized(name: str, weight: np.ndarray, width: int = bits) -> tuple[str, str]:
+        """`weight` (K, N) as MatMulNBits blocks of `width` bits, written once under `name`."""
+        if name not in blocks:
+            packed, scales = _quantize_block(weight, width, block)
+            blocks[name] = (f"{name}_Q{width}", f"{name}_scales")
+            inits.extend([weights.tensor(blocks[name][0], packed), weights.tensor(blocks[name][1], scales)])
+        return blocks[name]
 
     for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in tables:
+            table = onnxfile.read_tensor(consts[node.input[0]], src.parent)
+            width = bits if node.input[0] in shared else 8
+            packed, scales = quantized(node.input[0], table.T, width)
+            if f"{packed}_rows" not in blocks:
+                blocks[f"{packed}_rows"] = ()
+                inits.append(helper.make_tensor(f"{packed}_rows_shape", 7, [2], [table.shape[0],
+                                                                                 table.shape[1] * width // 8]))
+                nodes.append(helper.make_node("Reshape", [packed, f"{packed}_rows_shape"], [f"{packed}_rows"]))
+            nodes.append(_gather_quantized(node, f"{packed}_rows", scales, width, block))
+            continue
         b = consts.get(node.input[1]) if node.op_type == "MatMul" else None
-        if b is None or len(b.dims) != 2 or b.dims[0] % NBITS_BLOCK:
-            for name in node.input:
-                keep(name)
+        if node.op_type == "MatMul" and node.output[0] in tied:
+            table = consts[tied[node.output[0]]]
+            k, n = table.dims[1], table.dims[0]
+            packed, scales = quantized(table.name, onnxfile.read_tensor(table, src.parent).T)
+        elif b is not None and len(b.dims) == 2 and b.dims[0] % block == 0:
+            k, n = b.dims
+            packed, scales = quantized(b.name, onnxfile.read_tensor(b, src.parent))
+        else:
             nodes.append(node)
             continue
-        packed, scales = _quantize_block(onnxfile.read_tensor(b, src.parent), bits)
-        quantized, scale_name = f"{b.name}_Q{bits}", f"{b.name}_scales"
-        inits += [weights.tensor(quantized, packed), weights.tensor(scale_name, scales)]
-        inputs = [node.input[0], quantized, scale_name]
-        keep(node.input[0])
-        output, bias = node.output[0], biases.get(node.output[0])
-        if bias is not None:  # MatMulNBits(A, B, scales, zero_points, g_idx, bias)
-            add, bias_name = bias
-            keep(bias_name)
-            inputs += ["", "", bias_name]
-            output = add.output[0]
-            folded.add(id(add))
-        nodes.append(helper.make_node("MatMulNBits", inputs, [output], name=f"{node.name}_Q{bits}",
-                                      domain="com.microsoft", K=b.dims[0], N=b.dims[1], bits=bits,
-                                      block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY))
-    nodes = [n for n in nodes if id(n) not in folded]
-    del graph.node[:], graph.initializer[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
+        bias = biases.get(node.output[0])  # MatMulNBits(A, B, scales, zero_points, g_idx, bias)
+        inputs = [node.input[0], packed, scales] + (["", "", bias[1]] if bias else [])
+        output = bias[0].output[0] if bias else node.output[0]
+        folded.add(output if bias else "")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [output], name=f"{node.name}_Q{bits}", K=k, N=n,
+                                      domain="com.microsoft", bits=bits, block_size=block,
+                                      accuracy_level=NBITS_ACCURACY))
+    nodes = [n for n in nodes if not (n.op_type == "Add" and n.output[0] in folded)]  # now MatMulNBits' bias
+    _write(model, _live(nodes, {o.name for o in graph.output}), inits, consts, weights, src, dst)
+
+
+def _write(model, nodes: list, inits: list, consts: dict, weights, src: Path, dst: Path) -> None:
+    """The rewritten graph: its nodes, the new initializers and the old ones still read, to DST."""
+    from onnx import helper
+
+    read = {name for n in nodes for name in n.input}
+    made = {t.name for t in inits}
+    inits += [weights.tensor(name, onnxfile.read_tensor(t, src.parent)) for name, t in consts.items()
+              if name in read and name not in made]
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     weights.close()
     onnxfile.resave(model, dst)
+
+
+def _gather_quantized(node, rows: str, scales: str, bits: int, block: int):
+    """A Gather of table rows as GatherBlockQuantized of `rows`, the table's MatMulNBits blocks seen as
+    (rows, width * bits / 8): the same bytes, the shape GatherBlockQuantized reads."""
+    from onnx import helper
+
+    return helper.make_node("GatherBlockQuantized", [rows, node.input[1], scales], list(node.output),
+                            name=f"{node.name}_Q{bits}", domain="com.microsoft", bits=bits, block_size=block,
+                            gather_axis=0, quantize_axis=1)
+
+
+def _is_table_gather(node, consts: dict, block: int) -> bool:
+    """A Gather along rows of a constant 2-D table whose width the block divides: an embedding."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    table = consts.get(node.input[0]) if node.op_type == "Gather" else None
+    return table is not None and len(table.dims) == 2 and axis == 0 and table.dims[1] % block == 0
+
+
+def _tied_heads(graph, consts: dict, tables: set, folder: Path) -> dict:
+    """MatMul output -> the table it multiplies by transposed: through a Transpose node (as the traced
+    graph has it), or a constant equal to the table's transpose (as the fused graph has it)."""
+    transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in tables
+                  and [a.ints for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    tied = {}
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        if node.input[1] in transposed:
+            tied[node.output[0]] = transposed[node.input[1]]
+            continue
+        b = consts.get(node.input[1])
+        for name in tables:
+            table = consts[name]
+            if b is not None and list(b.dims) == list(table.dims)[::-1] and np.array_equal(
+                    onnxfile.read_tensor(b, folder), onnxfile.read_tensor(table, folder).T):
+                tied[node.output[0]] = name
+    return tied
+
+
+def _live(nodes: list, outputs: set) -> list:
+    """The nodes a graph output depends on, in their order (a Transpose left unread by a tied head goes)."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    return live[::-1]
 
 
 def _foldable_biases(graph, consts: dict) -> dict:
@@ -127,18 +214,18 @@ def _foldable_biases(graph, consts: dict) -> dict:
     return out
 
 
-def _quantize_block(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_block(weight: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(K, N) fp32 -> MatMulNBits' packed blocks (N, K/block, block*bits/8) and scales (N, K/block)."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     k, n = weight.shape
-    blocks = k // NBITS_BLOCK
-    packed = np.zeros((n, blocks, NBITS_BLOCK * bits // 8), dtype=np.uint8)
+    blocks = k // block
+    packed = np.zeros((n, blocks, block * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
     zero_points = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)  # unused: symmetric
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    quantize(packed, weight, scales, zero_points, NBITS_BLOCK, n, k, True)
+    quantize(packed, weight, scales, zero_points, block, n, k, True)
     return packed, scales
 
 
@@ -173,15 +260,18 @@ MAKERS = {"int8": quantize_int8, "fp16": convert_fp16, "int4": functools.partial
           "int8w": functools.partial(quantize_nbits, bits=8)}
 
 
-def write_variant(model, folder: Path, variant: str, opset: int) -> Path:
+def write_variant(config, folder: Path, variant: str, opset: int, model=None) -> Path:
     """Write `variant` (int8, fp16, int4, int8w, or fused-... of each) into `folder` from the graph it
-    derives from, already there; returns its path. Its weights may be in NAME.onnx.data: the caller
-    checks the graph, then export.onnxfile.finish packs them in when they are under the threshold."""
+    derives from, already there (the fused fp16 graph from `model`, a gpt.model.GPT); returns its path.
+    Its weights are in NAME.onnx.data: the caller checks the graph, then export.onnxfile.finish packs
+    them in when they are under the threshold."""
     fused = variant.startswith("fused-")
     kind = variant.removeprefix("fused-")
     source, target = folder / VARIANTS["fused" if fused else "fp32"], folder / VARIANTS[variant]
     if fused and kind == "fp16":  # written directly: GroupQueryAttention's cache must be fp16 too
         build_fused(model, target, opset=opset, dtype="float16")
+    elif kind in ("int4", "int8w"):
+        MAKERS[kind](source, target, block=nbits_block(config.embedding_dim))
     else:
         MAKERS[kind](source, target)
     return target

@@ -8,6 +8,10 @@
     validation_loss()     mean next-token loss over fixed windows of the run's held-out split (a token
                           budget, EVAL_TOKENS); torch_validation_loss() the PyTorch model's, the baseline
 
+Each gate compares a graph with what PyTorch computed for the same inputs: its `*_reference()` runs
+the model once and keeps only its outputs (the inputs are seeded, so they are made again for each
+graph). The export computes every reference first and releases the model before it opens a single
+onnxruntime session; the gates also take the model itself, and then compute the reference first.
 `require()` turns a failed gate into one ExportError line.
 """
 
@@ -35,36 +39,58 @@ EVAL_WINDOW = 256
 PARITY_GRID = [(b, p, t, pad) for b in (1, 2, 3) for p in (0, 1, 5) for t in (1, 4) for pad in (False, True)]
 
 
-def parity_grid(model: GPT, runtime: OnnxModel) -> dict:
+def _parity_case(config, index: int):
+    """The inputs of PARITY_GRID[index]: the first row unpadded and the others left-padded, when padded."""
+    batch, past, seq, pad = PARITY_GRID[index]
+    left_pad = min(2, past + seq - 1) if pad else 0
+    ids, mask, positions, cache = example_inputs(config, batch, seq, past, left_pad, seed=index)
+    if pad and batch > 1:
+        mask[0, :] = 1  # the first row unpadded, the others padded: a real mixed batch
+        positions[0] = torch.arange(past, past + seq)
+    return ids, mask, positions, cache
+
+
+@torch.no_grad()
+def parity_reference(model: GPT) -> dict:
+    """PyTorch's logits and new cache entries over PARITY_GRID."""
+    cases = []
+    for index, (_, past, _, _) in enumerate(PARITY_GRID):
+        ids, mask, positions, cache = _parity_case(model.config, index)
+        ref = model(ids, past=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+        cases.append((ref.logits.numpy(), [t[:, :, past:].numpy() for kv in ref.present for t in kv]))
+    return {"torch": torch_side(model), "config": model.config, "cases": cases}
+
+
+def parity_grid(reference: dict | GPT, runtime: OnnxModel) -> dict:
     """ORT against PyTorch over batch 1-3, past 0/1/5, sequence 1/4, with and without left padding."""
+    reference = parity_reference(reference) if isinstance(reference, GPT) else reference
     worst, cases = 0.0, []
-    for batch, past, seq, pad in PARITY_GRID:
-        left_pad = min(2, past + seq - 1) if pad else 0
-        ids, mask, positions, cache = example_inputs(model, batch, seq, past, left_pad, seed=len(cases))
-        if pad and batch > 1:
-            mask[0, :] = 1  # the first row unpadded, the others padded: a real mixed batch
-            positions[0] = torch.arange(past, past + seq)
-        with torch.no_grad():
-            ref = model(ids, past=cache, attention_mask=mask, position_ids=positions, use_cache=True)
+    for index, (batch, past, seq, pad) in enumerate(PARITY_GRID):
+        ids, mask, positions, cache = _parity_case(reference["config"], index)
+        ref_logits, ref_new = reference["cases"][index]
         host = [t.numpy() for kv in cache for t in kv]
         logits, present = runtime.run(ids.numpy(), mask.numpy(), positions.numpy(), runtime.to_device(host))
-        scale = float(ref.logits.abs().max())
-        err = float(np.abs(logits - ref.logits.numpy()).max()) / scale
-        present_err = max(float(np.abs(p - t.numpy()).max()) for p, t in
-                          zip(runtime.to_host(present), [t for kv in ref.present for t in kv]))
+        err = float(np.abs(logits - ref_logits).max()) / float(np.abs(ref_logits).max())
+        present_err = max(float(np.abs(p - np.concatenate([h, new], axis=2)).max())
+                          for p, h, new in zip(runtime.to_host(present), host, ref_new))
         worst = max(worst, err)
         cases.append({"batch": batch, "past": past, "sequence": seq, "left_padding": pad,
                       "max_rel_logit_error": err, "max_abs_cache_error": present_err})
-    return {"cases": len(cases), "compared": compared(model, runtime), "max_rel_logit_error": worst,
+    return {"cases": len(cases), "compared": compared(reference, runtime), "max_rel_logit_error": worst,
             "tolerance": FP32_TOLERANCE, "passed": worst <= FP32_TOLERANCE, "grid": cases}
 
 
-def compared(model: GPT, runtime: OnnxModel) -> str:
-    """What a parity grid compared, in which precision: TF32 would blur a 1e-4 gate on a GPU."""
-    precision = "fp16" if runtime.cache_dtype == np.float16 else "fp32"
+def torch_side(model: GPT) -> str:
+    """Where the references ran: TF32 would blur a 1e-4 gate on a GPU."""
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32 and next(model.parameters()).is_cuda
+    return f"PyTorch on {next(model.parameters()).device.type}{' (TF32 on)' if cuda_tf32 else ''}"
+
+
+def compared(reference: dict, runtime: OnnxModel) -> str:
+    """What a parity grid compared, in which precision."""
+    precision = "fp16" if runtime.cache_dtype == np.float16 else "fp32"
     return (f"{precision}: onnxruntime {runtime.session.get_providers()[0]} (TF32 {'on' if runtime.tf32 else 'off'}) "
-            f"vs PyTorch on {next(model.parameters()).device.type}{' (TF32 on)' if cuda_tf32 else ''}")
+            f"vs {reference['torch']}")
 
 
 # GroupQueryAttention runs a prompt (no past) in a batch, one token after a past in a batch (rows may
@@ -73,57 +99,90 @@ SHARED_GRID = [(b, p, t, ragged) for b, p, t, ragged in PARITY_GRID
                if (p == 0 and not ragged) or t == 1 or (b == 1 and not ragged)]
 
 
-def shared_parity_grid(model: GPT, runtime: OnnxModel) -> dict:
+def _shared_case(c, index: int):
+    """The inputs of SHARED_GRID[index]: each row's past (2 more tokens per row when ragged) and its
+    cache, written into one shared buffer of the longest past, as the fused graph's batches run."""
+    batch, past, seq, ragged = SHARED_GRID[index]
+    pasts = [past + (2 * r if ragged else 0) for r in range(batch)]
+    g = torch.Generator().manual_seed(index)
+    ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
+    host = [np.zeros((batch, c.num_heads, max(pasts), c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
+    mask, positions = np.zeros((batch, max(pasts) + seq), np.int64), np.zeros((batch, seq), np.int64)
+    rows = []
+    for r, p in enumerate(pasts):
+        cache = [(torch.randn(1, c.num_heads, p, c.head_dim, generator=g),
+                  torch.randn(1, c.num_heads, p, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+        for j, t in enumerate(t for kv in cache for t in kv):
+            host[j][r, :, :p] = t[0].numpy()
+        mask[r, :p + seq] = 1
+        positions[r] = np.arange(p, p + seq)
+        rows.append(cache)
+    return pasts, ids, mask, positions, host, rows
+
+
+@torch.no_grad()
+def shared_reference(model: GPT) -> dict:
+    """PyTorch's logits and new cache entries for each row of SHARED_GRID, row by row."""
+    cases = []
+    for index in range(len(SHARED_GRID)):
+        pasts, ids, _, _, _, rows = _shared_case(model.config, index)
+        refs = [model(ids[r:r + 1], past=cache, use_cache=True) for r, cache in enumerate(rows)]
+        cases.append([(ref.logits[0].numpy(), [t[0, :, p:].numpy() for kv in ref.present for t in kv])
+                      for p, ref in zip(pasts, refs)])
+    return {"torch": torch_side(model), "config": model.config, "cases": cases}
+
+
+def shared_parity_grid(reference: dict | GPT, runtime: OnnxModel) -> dict:
     """The fused graph against PyTorch over batch 1-3, past 0/1/5, sequence 1/4 (SHARED_GRID), with
     every row holding the same number of cached tokens or different numbers (right padding, as its
     batches run): logits, and the cache the graph wrote in place."""
-    c = model.config
+    reference = shared_reference(reference) if isinstance(reference, GPT) else reference
     worst, cases = 0.0, []
-    for batch, past, seq, ragged in SHARED_GRID:
-        pasts = [past + (2 * r if ragged else 0) for r in range(batch)]
-        g = torch.Generator().manual_seed(len(cases))
-        ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
-        host = [np.zeros((batch, c.num_heads, max(pasts), c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
-        width = max(pasts) + seq
-        mask, positions = np.zeros((batch, width), np.int64), np.zeros((batch, seq), np.int64)
-        refs = []
-        for r, p in enumerate(pasts):
-            cache = [(torch.randn(1, c.num_heads, p, c.head_dim, generator=g),
-                      torch.randn(1, c.num_heads, p, c.head_dim, generator=g)) for _ in range(c.num_layers)]
-            for j, t in enumerate(t for kv in cache for t in kv):
-                host[j][r, :, :p] = t[0].numpy()
-            mask[r, :p + seq] = 1
-            positions[r] = np.arange(p, p + seq)
-            with torch.no_grad():
-                refs.append(model(ids[r:r + 1], past=cache, use_cache=True))
-        logits, view = runtime.run(ids.numpy(), mask, positions, runtime.to_device(host))
+    for index, (batch, past, seq, ragged) in enumerate(SHARED_GRID):
+        pasts, ids, mask, positions, host, _ = _shared_case(reference["config"], index)
+        # buffers as long as the case needs, not block_size: at GPT-2 sizes those would be 0.2 GB per batch
+        logits, view = runtime.run(ids.numpy(), mask, positions, runtime.to_device(host, length=mask.shape[1]))
         written = runtime.to_host(view)
         err = present_err = 0.0
-        for r, (p, ref) in enumerate(zip(pasts, refs)):
-            err = max(err, float(np.abs(logits[r] - ref.logits[0].numpy()).max()) / float(ref.logits.abs().max()))
-            for a, t in zip(written, [t for kv in ref.present for t in kv]):
-                present_err = max(present_err, float(np.abs(a[r, :, :p + seq] - t[0].numpy()).max()))
+        for r, (p, (ref_logits, ref_new)) in enumerate(zip(pasts, reference["cases"][index])):
+            err = max(err, float(np.abs(logits[r] - ref_logits).max()) / float(np.abs(ref_logits).max()))
+            for a, h, new in zip(written, host, ref_new):
+                expected = np.concatenate([h[r, :, :p], new], axis=1)
+                present_err = max(present_err, float(np.abs(a[r, :, :p + seq] - expected).max()))
         worst = max(worst, err)
         cases.append({"batch": batch, "past": past, "sequence": seq, "ragged": ragged,
                       "max_rel_logit_error": err, "max_abs_cache_error": present_err})
     passed = worst <= FP32_TOLERANCE and max(c["max_abs_cache_error"] for c in cases) <= FP32_TOLERANCE * 10
-    return {"cases": len(cases), "compared": compared(model, runtime), "max_rel_logit_error": worst,
+    return {"cases": len(cases), "compared": compared(reference, runtime), "max_rel_logit_error": worst,
             "tolerance": FP32_TOLERANCE, "passed": passed, "grid": cases}
 
 
-def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
-    """200 greedy tokens from onnxruntime, identical to PyTorch's (computed once per model and prompt)."""
-    prompt = runtime.tokenizer.decode([i % runtime.vocab_size for i in range(1, 9)])
-    ids = runtime.tokenizer.encode(prompt)
-    key = (tuple(ids), tokens, runtime.tokenizer.eot_id)
-    if getattr(model, "_greedy_reference", (None,))[0] != key:
-        model._greedy_reference = (key, list(torch_generate(model, ids, tokens, SamplingParams(greedy=True),
-                                                            eot_id=runtime.tokenizer.eot_id)))
-    ref = model._greedy_reference[1]
-    events = list(ort_generate(runtime, prompt, tokens, SamplingParams(greedy=True)))
+def greedy_reference(model: GPT, tokenizer, tokens: int = 200) -> dict:
+    """PyTorch's greedy continuation of a fixed prompt (ids 1..8 of the vocabulary, decoded)."""
+    prompt = tokenizer.decode([i % model.config.vocab_size for i in range(1, 9)])
+    ids = tokenizer.encode(prompt)
+    out = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True), eot_id=tokenizer.eot_id))
+    return {"prompt": prompt, "tokens": tokens, "generated": out}
+
+
+def greedy_parity(reference: dict | GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
+    """200 greedy tokens from onnxruntime, identical to PyTorch's."""
+    if isinstance(reference, GPT):
+        reference = greedy_reference(reference, runtime.tokenizer, tokens)
+    events = list(ort_generate(runtime, reference["prompt"], reference["tokens"], SamplingParams(greedy=True)))
     got = events[-1].sequence.generated
-    first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
-    return {"tokens": tokens, "identical": ref == got, "first_difference": first}
+    first = next((i for i, (a, b) in enumerate(zip(reference["generated"], got)) if a != b), None)
+    return {"tokens": reference["tokens"], "identical": reference["generated"] == got, "first_difference": first}
+
+
+def references(model: GPT, tokenizer, shared: bool, checkpoint: Path, eval_tokens: int) -> dict:
+    """PyTorch's side of every gate, computed once, so that the model can be released before the first
+    graph is opened: the parity grids (the shared-cache one when `shared`), 200 greedy tokens, and the
+    validation loss on `eval_tokens` held-out tokens (none when 0) with the windows it used."""
+    windows, why = validation_windows(checkpoint, model.config.block_size, eval_tokens) if eval_tokens else (None, "")
+    return {"parity": parity_reference(model), "shared": shared_reference(model) if shared else None,
+            "greedy": greedy_reference(model, tokenizer), "windows": windows, "why": why,
+            "val_loss": torch_validation_loss(model, windows) if windows is not None else None}
 
 
 def validation_loss(runtime: OnnxModel, windows: np.ndarray) -> float:

@@ -23,9 +23,10 @@ class CacheBuffers:
     """The preallocated cache of a shared-cache graph: 2 * num_layers buffers of (slots, H, block_size, D)
     on the model's device. Slot s of every buffer holds one sequence's keys or values."""
 
-    def __init__(self, model: OnnxModel, slots: int, host: list[np.ndarray] | None = None):
-        self.model, self.slots = model, slots
-        shape = (slots, model.num_heads, model.block_size, model.head_dim)
+    def __init__(self, model: OnnxModel, slots: int, host: list[np.ndarray] | None = None, length: int | None = None):
+        """`length`: positions per slot, block_size unless told (the export's checks use short buffers)."""
+        self.model, self.slots, self.length = model, slots, length or model.block_size
+        shape = (slots, model.num_heads, self.length, model.head_dim)
         arrays = [np.zeros(shape, model.cache_dtype) for _ in range(2 * model.num_layers)]
         for a, h in zip(arrays, host or []):
             a[:, :, :h.shape[2]] = h
@@ -36,7 +37,7 @@ class CacheBuffers:
 
             self.values = [onnxruntime.OrtValue.ortvalue_from_numpy(a, model.device, 0) for a in arrays]
             self._pointers = [v.data_ptr() for v in self.values]
-        self.slot_bytes = model.cache_bytes(1) // len(arrays)  # one slot of one buffer
+        self.slot_bytes = model.num_heads * self.length * model.head_dim * model.cache_dtype.itemsize  # a slot
         self.bindings: dict[tuple[int, int], Any] = {}  # (start, count) -> an IOBinding with those slots bound
 
     def view(self, start: int, count: int) -> CacheView:
@@ -51,7 +52,7 @@ class CacheBuffers:
     def grown(self, slots: int) -> CacheBuffers:
         """Buffers with more slots holding these slots' contents (a rare, whole-cache copy)."""
         return CacheBuffers(self.model, slots, host=[np.pad(a, ((0, slots - self.slots), (0, 0), (0, 0), (0, 0)))
-                                                     for a in self.host()])
+                                                     for a in self.host()], length=self.length)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class CacheView:
         if binding is None:
             model = self.buffers.model
             binding = model.session.io_binding()
-            shape = [self.count, model.num_heads, model.block_size, model.head_dim]
+            shape = [self.count, model.num_heads, self.buffers.length, model.head_dim]
             for name_in, name_out, pointer in zip(model.input_names[3:], model.output_names[1:], self.pointers()):
                 binding.bind_input(name_in, model.device, 0, model.cache_dtype, shape, pointer)
                 binding.bind_output(name_out, model.device, 0, model.cache_dtype, shape, pointer)

@@ -160,10 +160,12 @@ class OnnxModel:
 
     # Cache helpers. A "concat" graph's cache is a list of 2 * num_layers OrtValues, each (B, H, P, D);
     # a "shared" graph's is a CacheView: B slots of preallocated (H, block_size, D) buffers.
-    def to_device(self, arrays: Iterable[np.ndarray]) -> Any:
+    def to_device(self, arrays: Iterable[np.ndarray], length: int | None = None) -> Any:
+        """A cache on the device holding `arrays` (B, H, P, D); a shared-cache graph's in fresh slots of
+        `length` positions (default block_size), the arrays in their first P."""
         arrays = list(arrays)
-        if self.shared_cache:  # (B, H, P, D) into the first P positions of fresh slots
-            buffers = CacheBuffers(self, arrays[0].shape[0] if arrays else 0, host=arrays)
+        if self.shared_cache:
+            buffers = CacheBuffers(self, arrays[0].shape[0] if arrays else 0, host=arrays, length=length)
             return buffers.view(0, buffers.slots)
         ort = _ort()
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays]

@@ -117,3 +117,17 @@ def test_every_variant_takes_the_external_data_path(run_dir, tmp_path):
         assert np.isfinite(logits).all(), variant
     assert sorted(p.name for p in dest.iterdir() if not p.name.endswith((".onnx", ".onnx.data"))) == [
         "manifest.json", "tokenizer.json"]
+
+
+def test_a_big_model_is_traced_in_a_process_of_its_own_and_released_before_the_gates(run_dir, tmp_path, monkeypatch):
+    """Past TRACE_APART_ABOVE (0 here) the trace runs in a spawned process: the export is the same, and
+    a failure there is the same one line here."""
+    from export import pipeline
+
+    monkeypatch.setattr(pipeline, "TRACE_APART_ABOVE", 0)
+    manifest = export(run_dir, tmp_path / "apart", log=lambda s: None)
+    assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
+    assert manifest["export_options"]["exporter"] == "dynamo" and "trace" in manifest["timings"]
+    with pytest.raises(ExportError, match=r"--exporter 'nope' is unknown") as e:
+        export(run_dir, tmp_path / "bad", exporter="nope", log=lambda s: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()

@@ -211,3 +211,35 @@ def test_models_without_biases_or_with_a_tied_head_pass_the_same_gates(tmp_path,
     assert abs(manifest["quality"]["fused-int4"]["val_loss_change"]) < 0.1
     runtime = OnnxModel(tmp_path / "out", variant="fused-int4")
     assert len(list(generate(runtime, "abc", 40, SamplingParams(greedy=True)))[-1].sequence.generated) == 40
+    for variant in ("int4", "fused-int4"):
+        _assert_tables_quantized(tmp_path / "out" / manifest["files"][variant], tie)
+
+
+def _assert_tables_quantized(path, tie: bool) -> None:
+    """No fp32 table is left: every Gather of a table is GatherBlockQuantized; a tied head reads the
+    token table's 4-bit blocks (the very initializer its GatherBlockQuantized reads, through a
+    Reshape) and an untied table, like the positions, is 8-bit."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    tables = []
+    for n in graph.node:
+        if n.op_type == "GatherBlockQuantized":
+            reshape = producers[n.input[0]]
+            assert reshape.op_type == "Reshape" and reshape.input[0] in inits
+            tables.append((reshape.input[0], {a.name: a.i for a in n.attribute}["bits"]))
+    head = next(n for n in graph.node if "logits" in n.output)
+    assert head.op_type == "MatMulNBits"
+    shared = [(name, bits) for name, bits in tables if name == head.input[1]]
+    assert len(tables) == 2 and len(shared) == (1 if tie else 0)
+    assert sorted(bits for _, bits in tables) == ([4, 8] if tie else [8, 8])
+
+
+@pytest.mark.parametrize("width, block", [(32, 32), (96, 32), (64, 64), (768, 64), (24, None)])
+def test_the_nbits_block_is_64_where_the_width_allows(width, block):
+    from export.variants import nbits_block
+
+    assert nbits_block(width) == block
