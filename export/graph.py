@@ -3,7 +3,7 @@
     ExportGraph      the graph's signature: named tensors in and out, in the Optimum convention
     trace()          the dynamo exporter (TorchScript only when asked for, and said in the manifest); the
                      weights in NAME.onnx.data past the external-data threshold (export/onnxfile.py)
-    trace_checkpoint() the same in a process of its own, for big models (the exporter keeps the model)
+    trace_checkpoint() the same in a Python of its own, for big models (the exporter keeps the model)
     check_graph()    onnx's full checker, no `If` node, and a description of the graph for the manifest
 
 The graph has no `If` node: a zero-length past is the prefill case.
@@ -96,23 +96,40 @@ TRACE_APART_ABOVE = 2**26
 
 def trace_checkpoint(folder: Path, path: Path, opset: int, exporter: str = "dynamo",
                      external_data_above: int = EXTERNAL_DATA_ABOVE) -> str:
-    """`trace` of the checkpoint in `folder`, in a fresh process (spawned, with this one's torch
-    threads) that loads the model itself: when it returns, all the memory the trace took is back.
-    An ExportError there is raised here, the same line."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """`trace` of the checkpoint in `folder`, in a fresh Python (with this one's import path and torch
+    threads) that loads the model itself: when it exits, all the memory the trace took is back. An
+    ExportError there is raised here, the same line."""
+    import os
+    import subprocess
+    import sys
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_trace_apart, folder, path, opset, exporter, external_data_above,
-                           torch.get_num_threads()).result()
+    code = "import sys; from export.graph import _trace_apart; _trace_apart(sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    args = [str(folder), str(path), str(opset), exporter, str(external_data_above), str(torch.get_num_threads())]
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
+    last = (proc.stderr.strip().splitlines() or ["it printed nothing"])[-1]
+    if proc.returncode == 2:  # an ExportError, in its one line
+        raise ExportError(last)
+    if proc.returncode:
+        raise ExportError(f"the trace's process failed with exit code {proc.returncode} ({last[:300]}); run the "
+                          "export again, and report it if it fails the same way")
+    return proc.stdout.strip().splitlines()[-1]
 
 
-def _trace_apart(folder: Path, path: Path, opset: int, exporter: str, external_data_above: int, threads: int) -> str:
+def _trace_apart(argv: list[str]) -> None:
+    """trace_checkpoint's other side: trace, print which exporter ran, or the ExportError and exit 2."""
+    import sys
+
     from gpt.checkpoint import load_checkpoint
 
-    torch.set_num_threads(threads)
-    model, _, _ = load_checkpoint(folder)
-    return trace(model.float().eval(), path, opset, exporter, external_data_above)
+    folder, path, opset, exporter, above, threads = argv
+    torch.set_num_threads(int(threads))
+    try:
+        model, _, _ = load_checkpoint(folder)
+        print(trace(model.float().eval(), Path(path), int(opset), exporter, int(above)))
+    except ExportError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(2)
 
 
 def _dynamo(graph: ExportGraph, args, path: Path, opset: int) -> None:

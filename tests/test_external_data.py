@@ -128,6 +128,11 @@ def test_a_big_model_is_traced_in_a_process_of_its_own_and_released_before_the_g
     manifest = export(run_dir, tmp_path / "apart", log=lambda s: None)
     assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
     assert manifest["export_options"]["exporter"] == "dynamo" and "trace" in manifest["timings"]
-    with pytest.raises(ExportError, match=r"--exporter 'nope' is unknown") as e:
+    from export.graph import trace_checkpoint
+    from gpt.checkpoint import resolve_checkpoint
+
+    with pytest.raises(ExportError, match=r"^--exporter 'nope' is unknown: use one of dynamo, torchscript$"):
+        trace_checkpoint(resolve_checkpoint(run_dir), tmp_path / "bad.onnx", 18, "nope")
+    with pytest.raises(ExportError, match=r"--exporter 'nope' is unknown") as e:  # and before anything runs
         export(run_dir, tmp_path / "bad", exporter="nope", log=lambda s: None)
     assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
