@@ -68,7 +68,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
 
 
 LOAD = """
-import json, resource, sys, time
+import json, sys, time
 from serve.runtime import OnnxModel, generate, resident_bytes
 from gpt.sampling import SamplingParams
 model = OnnxModel(sys.argv[1], variant=sys.argv[2], threads=int(sys.argv[3]))
@@ -76,8 +76,9 @@ loaded = resident_bytes()
 start = time.perf_counter()
 events = list(generate(model, "The ", 64, SamplingParams(greedy=True)))
 rate = 63 / (time.perf_counter() - start)
-print(json.dumps({"load_s": model.load_seconds, "resident": loaded, "rate": rate,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would start at the bench's own size
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"load_s": model.load_seconds, "resident": loaded, "rate": rate, "peak": peak}))
 """
 
 

@@ -65,8 +65,9 @@ def main() -> None:
         theirs = {t: llama_loss(tmp / "gguf" / f"model.{t}.gguf", windows, args.threads)
                   for t in ("f32", "q8_0", "q4_0")}
     print(f"{checkpoint}: {len(windows)} windows of {windows.shape[1] - 1} held-out tokens")
-    print(f"ours (onnxruntime):  fp32 {ours['fused']:.4f}   int4 (MatMulNBits, block 32) {ours['fused-int4']:.4f}   "
-          f"change {ours['fused-int4'] - ours['fused']:+.4f} nats")
+    block = manifest["quality"]["fused-int4"]["block_size"]
+    print(f"ours (onnxruntime):  fp32 {ours['fused']:.4f}   int4 (MatMulNBits, block {block}) "
+          f"{ours['fused-int4']:.4f}   change {ours['fused-int4'] - ours['fused']:+.4f} nats")
     print(f"llama.cpp:           f32  {theirs['f32']:.4f}   q4_0 {theirs['q4_0']:.4f}   change "
           f"{theirs['q4_0'] - theirs['f32']:+.4f} nats   (q8_0 {theirs['q8_0'] - theirs['f32']:+.4f})")
     print(f"fp32 engines agree: ours {ours['fused']:.4f} vs llama.cpp {theirs['f32']:.4f} "
