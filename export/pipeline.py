@@ -74,14 +74,14 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     with staging(export_dir) as tmp:
         references, graphs = from_model(model, tokenizer, folder, tmp, variants, optimize, opset, eval_tokens, timings)
         with timed(timings, "trace"):
-            if weight_bytes(model) > TRACE_APART_ABOVE:  # the exporter would keep the model: trace apart
-                del model
-                release_memory()
-                exporter = trace_checkpoint(folder, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-            else:
+            # past TRACE_APART_ABOVE the exporter would keep the model alive: it traces in its own process
+            apart = model.num_parameters(exclude_positions=False) * 4 > TRACE_APART_ABOVE
+            if not apart:
                 exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-                del model
-            release_memory()  # the gates need only the references from here on
+            del model  # the gates need only the references from here on
+            release_memory()
+            if apart:
+                exporter = trace_checkpoint(folder, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
             graph = check_graph(tmp / VARIANTS["fp32"])
         log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
         for variant in [v for v in variants if not v.startswith("fused-")]:
@@ -121,10 +121,6 @@ def from_model(model: GPT, tokenizer, folder: Path, tmp: Path, variants: list[st
         with timed(timings, variant):
             graphs[variant] = check_graph(write_variant(model.config, tmp, variant, opset, model))
     return references, graphs
-
-
-def weight_bytes(model: GPT) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def verify_all(references: dict, tmp: Path, manifest: dict, variants: list[str], optimize: bool,

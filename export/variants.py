@@ -87,44 +87,45 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block: int) -> None:
     tables = {n.input[0] for n in graph.node if _is_table_gather(n, consts, block)}
     tied = _tied_heads(graph, consts, tables, src.parent)
     weights = onnxfile.WeightFile(dst, external=True)
-    nodes, inits, folded, blocks = [], [], set(), {}
+    nodes, inits, folded, blocks, reshaped = [], [], set(), {}, set()
     shared = set(tied.values())
 
-    def quantized(name: str, weight: np.ndarray, width: int = bits) -> tuple[str, str]:
-        """`weight` (K, N) as MatMulNBits blocks of `width` bits, written once under `name`."""
+    def quantized(name: str, width: int = bits, transposed: bool = False) -> tuple[str, str]:
+        """Initializer `name` (K, N), or (N, K) when `transposed` (a table), as MatMulNBits blocks of
+        `width` bits: read, quantized and written once."""
         if name not in blocks:
-            packed, scales = _quantize_block(weight, width, block)
+            weight = onnxfile.read_tensor(consts[name], src.parent)
+            packed, scales = _quantize_block(weight.T if transposed else weight, width, block)
             blocks[name] = (f"{name}_Q{width}", f"{name}_scales")
             inits.extend([weights.tensor(blocks[name][0], packed), weights.tensor(blocks[name][1], scales)])
         return blocks[name]
 
     for node in graph.node:
         if node.op_type == "Gather" and node.input[0] in tables:
-            table = onnxfile.read_tensor(consts[node.input[0]], src.parent)
+            rows, width_in = consts[node.input[0]].dims
             width = bits if node.input[0] in shared else 8
-            packed, scales = quantized(node.input[0], table.T, width)
-            if f"{packed}_rows" not in blocks:
-                blocks[f"{packed}_rows"] = ()
-                inits.append(helper.make_tensor(f"{packed}_rows_shape", 7, [2], [table.shape[0],
-                                                                                 table.shape[1] * width // 8]))
+            packed, scales = quantized(node.input[0], width, transposed=True)
+            if packed not in reshaped:
+                reshaped.add(packed)
+                inits.append(helper.make_tensor(f"{packed}_rows_shape", 7, [2], [rows, width_in * width // 8]))
                 nodes.append(helper.make_node("Reshape", [packed, f"{packed}_rows_shape"], [f"{packed}_rows"]))
             nodes.append(_gather_quantized(node, f"{packed}_rows", scales, width, block))
             continue
         b = consts.get(node.input[1]) if node.op_type == "MatMul" else None
         if node.op_type == "MatMul" and node.output[0] in tied:
-            table = consts[tied[node.output[0]]]
-            k, n = table.dims[1], table.dims[0]
-            packed, scales = quantized(table.name, onnxfile.read_tensor(table, src.parent).T)
+            n, k = consts[tied[node.output[0]]].dims
+            packed, scales = quantized(tied[node.output[0]], transposed=True)
         elif b is not None and len(b.dims) == 2 and b.dims[0] % block == 0:
             k, n = b.dims
-            packed, scales = quantized(b.name, onnxfile.read_tensor(b, src.parent))
+            packed, scales = quantized(b.name)
         else:
             nodes.append(node)
             continue
         bias = biases.get(node.output[0])  # MatMulNBits(A, B, scales, zero_points, g_idx, bias)
         inputs = [node.input[0], packed, scales] + (["", "", bias[1]] if bias else [])
         output = bias[0].output[0] if bias else node.output[0]
-        folded.add(output if bias else "")
+        if bias:
+            folded.add(output)
         nodes.append(helper.make_node("MatMulNBits", inputs, [output], name=f"{node.name}_Q{bits}", K=k, N=n,
                                       domain="com.microsoft", bits=bits, block_size=block,
                                       accuracy_level=NBITS_ACCURACY))
