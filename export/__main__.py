@@ -44,9 +44,10 @@ def command_line() -> argparse.ArgumentParser:
                         "SkipLayerNormalization, FastGelu) with a cache written in place, checked like model.onnx; "
                         "each quantized variant then gets a fused twin (model.fused.int4.onnx, ...)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
-                        help="dynamo (default): torch.export; torchscript: the older exporter, only if dynamo fails "
-                        "on your model (recorded in the manifest)")
+    parser.add_argument("--exporter", choices=["builder", "dynamo", "torchscript"], default="builder",
+                        help="how model.onnx is made (recorded in the manifest): builder (default) writes it from "
+                        "the weights (export/portable.py); dynamo traces gpt/model.py with torch.export (use it "
+                        "after changing the model's code); torchscript, the older tracer, only if dynamo fails")
     parser.add_argument("--external-data-above", type=size, default=EXTERNAL_DATA_ABOVE, metavar="BYTES",
                         help="write a graph's weights to NAME.onnx.data (one file beside NAME.onnx) when they pass "
                         "this size, e.g. 500M (default: what protobuf allows, about 2 GB)")

@@ -1,8 +1,8 @@
 """The fused graph: the model written the way onnxruntime's own LLM graphs are.
 
-The portable graph (`model.onnx`) is what the dynamo exporter traces from `gpt/model.py`: standard
-ONNX ops, about 45 nodes per block, and a KV cache that grows by Concat, so every step copies it.
-This file writes the same model directly from the checkpoint's weights with onnxruntime's fused
+The portable graph (`model.onnx`, export/portable.py) holds the model in standard ONNX ops, about 40
+nodes per block, and a KV cache that grows by Concat, so every step copies it. This file writes the
+same model from the checkpoint's weights with onnxruntime's fused
 `com.microsoft` ops, about 9 nodes per block:
 
     ids, positions ─► Gather(wte) , Gather(wpe) ─► SkipLayerNormalization ─► (x, ln_1(x))

@@ -9,7 +9,7 @@ and a length). Here every graph is at most two files, whatever wrote it:
                        is never held in memory twice (the fused builder and the 4/8-bit quantizer write
                        through one; the tracer writes external data too)
     finish()           a graph written that way: kept as two files past the threshold, else packed into
-                       one NAME.onnx a tensor at a time (pack())
+                       one NAME.onnx a tensor at a time (pack()); its files' entry for the manifest
     load(), read_tensor()   a graph, with or without its weights; one initializer's values
     data_file()        NAME.onnx.data, where a graph's external weights live
     describe_files()   the manifest's entry for a graph's files: sizes, and the sha256 of each
@@ -103,31 +103,37 @@ def read_tensor(tensor, folder: Path) -> np.ndarray:
     return array.reshape(tuple(tensor.dims))
 
 
-def finish(path: Path, external_data_above: int = EXTERNAL_DATA_ABOVE) -> Path | None:
+def finish(path: Path, external_data_above: int = EXTERNAL_DATA_ABOVE) -> dict:
     """A graph written with external data: kept so past `external_data_above` bytes of weights, else
-    packed into one file. Returns the data file if one remains."""
+    packed into one file. Returns its files' entry for the manifest (describe_files)."""
     data = data_file(path)
-    if not data.is_file():
-        return None
-    if weight_bytes(load(path, weights=False)) > external_data_above:
-        return data
-    pack(path)
-    return None
+    if not data.is_file() or weight_bytes(load(path, weights=False)) > external_data_above:
+        return describe_files(path)
+    digest = pack(path)
+    return {"bytes": path.stat().st_size, "sha256": digest}
 
 
-def pack(path: Path) -> None:
-    """Fold NAME.onnx.data into NAME.onnx, one tensor at a time (see the module's note on merging).
-    Each tensor's bytes go from the data file to the graph file without another copy: its record is
-    written as protobuf encodes it, the TensorProto's other fields, then raw_data (field 9)."""
+def pack(path: Path) -> str:
+    """Fold NAME.onnx.data into NAME.onnx, one tensor at a time (see the module's note on merging);
+    returns the packed file's sha256, taken as it is written. Each tensor's bytes go from the data
+    file to the graph file without another copy: its record is written as protobuf encodes it, the
+    TensorProto's other fields, then raw_data (field 9). Nothing is flushed here: the export flushes
+    its folder once, when it publishes it, and a data file packed away need never reach the disk."""
+    import hashlib
+
     from onnx import TensorProto
     from onnx.external_data_helper import uses_external_data
 
     model = load(path, weights=False)
     tensors = list(model.graph.initializer)
     del model.graph.initializer[:]
-    tmp = path.with_name(f".{path.name}.packing")
+    tmp, digest = path.with_name(f".{path.name}.packing"), hashlib.sha256()
     with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
+        def write(data) -> None:
+            digest.update(data)
+            f.write(data)
+
+        write(model.SerializeToString())
         for t in tensors:
             if uses_external_data(t):
                 raw = memoryview(read_tensor(t, path.parent).reshape(-1)).cast("B")
@@ -137,12 +143,11 @@ def pack(path: Path) -> None:
             tensor = t.SerializeToString() + (_field(9, len(raw)) if raw else b"")
             tensor_len = len(tensor) + len(raw)
             initializer = _field(5, tensor_len)  # GraphProto.initializer
-            f.write(_field(7, len(initializer) + tensor_len) + initializer + tensor)  # ModelProto.graph
-            f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
+            write(_field(7, len(initializer) + tensor_len) + initializer + tensor)  # ModelProto.graph
+            write(raw)
     os.replace(tmp, path)
     data_file(path).unlink()
+    return digest.hexdigest()
 
 
 def _field(number: int, length: int) -> bytes:
@@ -190,11 +195,10 @@ class WeightFile:
         return t
 
     def close(self) -> Path | None:
-        """Flush the data file; returns it, or None when nothing was written to one."""
+        """Close the data file (the export flushes its folder to disk when it publishes it); returns
+        it, or None when nothing was written to one."""
         if self.file is None:
             return None
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
         self.file = None
         return self.path

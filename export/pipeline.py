@@ -1,11 +1,12 @@
 """A checkpoint to a verified ONNX export folder, as a list of named steps.
 
-    export()   load the checkpoint → trace the portable graph and check it (export/graph.py) →
-               PyTorch's side of every gate, computed once (export/verify.py: the parity grids, 200
-               greedy tokens, the validation loss) → (--optimize) the fused graph from the same weights
-               (export/fused.py) → int8 / int4 / int8-weights / fp16 variants (export/variants.py) →
-               release the PyTorch model → each graph through its gates, one onnxruntime session at a
-               time → pack the graphs under the external-data threshold into one file each →
+    export()   load the checkpoint → PyTorch's side of every gate, computed once (export/verify.py:
+               the parity grids, 200 greedy tokens, the validation loss) → the portable graph, written
+               from the weights (export/portable.py; or traced with --exporter dynamo|torchscript,
+               export/graph.py) → (--optimize) the fused graph from the same weights (export/fused.py)
+               → release the PyTorch model → int8 / int4 / int8-weights / fp16 variants from the graphs
+               on disk (export/variants.py) → each graph through its gates, one onnxruntime session at
+               a time → pack the graphs under the external-data threshold into one file each →
                genai_config.json (export/genai.py) → manifest.json, written once → publish the folder
                (export/destination.py)
 
@@ -36,6 +37,7 @@ from export.fused import FUSED_OPS, build_fused
 from export.genai import write_genai_config
 from export.graph import EXPORTERS, TRACE_APART_ABOVE, check_graph, example_inputs, trace, trace_checkpoint
 from export.onnxfile import EXTERNAL_DATA_ABOVE
+from export.portable import MIN_OPSET, build_portable
 from export.variants import NBITS_ACCURACY, NBITS_BLOCKS, nbits_block, write_variant
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.config import ModelConfig
@@ -48,7 +50,7 @@ from serve.runtime import OnnxModel
 
 def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp16: bool = False,
            int4: bool = False, int8_weights: bool = False, optimize: bool = False, opset: int = DEFAULT_OPSET,
-           force: bool = False, eval_tokens: int = EVAL_TOKENS, checkpoint: str = "best", exporter: str = "dynamo",
+           force: bool = False, eval_tokens: int = EVAL_TOKENS, checkpoint: str = "best", exporter: str = "builder",
            external_data_above: int = EXTERNAL_DATA_ABOVE, log: Callable[[str], None] = print) -> dict:
     """Export a run's best (or latest) checkpoint, or a checkpoint folder, to `export_dir`; returns the manifest.
 
@@ -58,11 +60,10 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     export_dir = Path(export_dir)
     folder = resolve_checkpoint(source, checkpoint)
     check_destination(export_dir, folder, force)
+    check_exporter(exporter, opset)
     model, tokenizer, meta = load_checkpoint(folder)
     model.float().eval()
     config = model.config
-    if exporter not in EXPORTERS:
-        raise ExportError(f"--exporter {exporter!r} is unknown: use one of {', '.join(EXPORTERS)}")
     if (int4 or int8_weights) and not nbits_block(config.embedding_dim):
         raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCKS[-1]} inputs, and this "
                           f"model's embedding_dim is {config.embedding_dim}: use --int8 (dynamic) instead")
@@ -72,19 +73,21 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     variants = wanted + ([f"fused-{v}" for v in wanted] if optimize else [])
     started, timings = time.time(), {}
     with staging(export_dir) as tmp:
-        references, graphs = from_model(model, tokenizer, folder, tmp, variants, optimize, opset, eval_tokens, timings)
-        with timed(timings, "trace"):
-            # past TRACE_APART_ABOVE the exporter would keep the model alive: it traces in its own process
-            apart = model.num_parameters(exclude_positions=False) * 4 > TRACE_APART_ABOVE
-            if not apart:
+        references, graphs = from_model(model, tokenizer, folder, tmp, variants, optimize, opset, eval_tokens,
+                                        timings, exporter)
+        # a trace past TRACE_APART_ABOVE runs in its own process: the exporter would keep the model alive
+        apart = exporter != "builder" and model.num_parameters(exclude_positions=False) * 4 > TRACE_APART_ABOVE
+        if exporter != "builder" and not apart:
+            with timed(timings, "trace"):
                 exporter = trace(model, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-            del model  # the gates need only the references from here on
-            release_memory()
-            if apart:
+        del model  # the gates need only the references from here on
+        release_memory()
+        if apart:
+            with timed(timings, "trace"):
                 exporter = trace_checkpoint(folder, tmp / VARIANTS["fp32"], opset, exporter, external_data_above)
-            graph = check_graph(tmp / VARIANTS["fp32"])
+        graph = graphs.pop("fp32", None) or check_graph(tmp / VARIANTS["fp32"])
         log(f"exported {folder} with the {exporter} exporter: {graph['nodes']} nodes, opset {graph['opset']}")
-        for variant in [v for v in variants if not v.startswith("fused-")]:
+        for variant in [v for v in variants if v != "fused-fp16"]:  # from the graphs on disk, not the model
             with timed(timings, variant):
                 graphs[variant] = check_graph(write_variant(config, tmp, variant, opset))
         manifest = describe(config, tokenizer, meta, folder, checkpoint, graph, exporter, options)
@@ -96,8 +99,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
         verify_all(references, tmp, manifest, variants, optimize, log)
         with timed(timings, "pack"):
             for variant, name in manifest["files"].items():
-                onnxfile.finish(tmp / name, external_data_above)
-                manifest["graphs"][variant]["files"] = onnxfile.describe_files(tmp / name)
+                manifest["graphs"][variant]["files"] = onnxfile.finish(tmp / name, external_data_above)
         log(f"graphs: {files_note(manifest)}")
         manifest["genai"] = write_genai_config(tmp, manifest, tokenizer)
         manifest["export_seconds"] = round(time.time() - started, 1)
@@ -106,20 +108,34 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     return manifest
 
 
+def check_exporter(exporter: str, opset: int) -> None:
+    """An exporter that exists, and an opset it can write: checked before anything runs."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"--exporter {exporter!r} is unknown: use one of {', '.join(EXPORTERS)}")
+    if exporter == "builder" and opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the portable graph's LayerNormalization needs opset {MIN_OPSET} or "
+                          "later: use a later --opset, or --exporter dynamo")
+
+
 def from_model(model: GPT, tokenizer, folder: Path, tmp: Path, variants: list[str], optimize: bool, opset: int,
-               eval_tokens: int, timings: dict) -> tuple[dict, dict]:
-    """Everything that needs the PyTorch model but the trace: PyTorch's side of every gate, the fused
-    graph and its variants. Returns (the references, {variant: check_graph's report})."""
+               eval_tokens: int, timings: dict, exporter: str) -> tuple[dict, dict]:
+    """Everything that needs the PyTorch model but a trace: PyTorch's side of every gate, the portable
+    graph (when the builder writes it), the fused graph and its fp16 twin. Returns (the references,
+    {variant: check_graph's report})."""
     graphs = {}
     with timed(timings, "verify references"):
         references = verify.references(model, tokenizer, optimize, folder, eval_tokens if variants else 0)
+    if exporter == "builder":
+        with timed(timings, "portable"):
+            build_portable(model, tmp / VARIANTS["fp32"], opset)
+            graphs["fp32"] = check_graph(tmp / VARIANTS["fp32"])
     if optimize:
         with timed(timings, "fused"):
             build_fused(model, tmp / VARIANTS["fused"], opset=opset)
             graphs["fused"] = check_graph(tmp / VARIANTS["fused"])
-    for variant in [v for v in variants if v.startswith("fused-")]:
-        with timed(timings, variant):
-            graphs[variant] = check_graph(write_variant(model.config, tmp, variant, opset, model))
+    if "fused-fp16" in variants:  # written from the model's weights, as the fused graph is
+        with timed(timings, "fused-fp16"):
+            graphs["fused-fp16"] = check_graph(write_variant(model.config, tmp, "fused-fp16", opset, model))
     return references, graphs
 
 
@@ -205,14 +221,17 @@ def session(tmp: Path, manifest: dict, variant: str, what: str, fix: str, **kwar
 
 def verify_portable(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
     """The parity grid and greedy identity; a graph that fails either fails the export."""
-    with timed(manifest["timings"], "verify"), session(tmp, manifest, "fp32", "the portable graph",
-                                                       "the export is not usable", threads=0) as runtime:
+    fix = ("the builder writes the model as gpt/model.py ships it: if the model's code changed, export with "
+           "--exporter dynamo, which traces it" if manifest["export_options"]["exporter"] == "builder"
+           else "the export is not usable")
+    with timed(manifest["timings"], "verify"), session(tmp, manifest, "fp32", "the portable graph", fix,
+                                                       threads=0) as runtime:
         parity = verify.parity_grid(references["parity"], runtime)
         greedy = verify.greedy_parity(references["greedy"], runtime)
     manifest["parity"] = {"fp32": parity, "greedy": greedy}
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
         f"(tolerance {verify.FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    verify.require(parity, greedy, "ONNX Runtime", "the export is not usable")
+    verify.require(parity, greedy, "ONNX Runtime", fix)
 
 
 def verify_fused(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:

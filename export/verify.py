@@ -52,12 +52,21 @@ def _parity_case(config, index: int):
 
 @torch.no_grad()
 def parity_reference(model: GPT) -> dict:
-    """PyTorch's logits and new cache entries over PARITY_GRID."""
-    cases = []
-    for index, (_, past, _, _) in enumerate(PARITY_GRID):
-        ids, mask, positions, cache = _parity_case(model.config, index)
+    """PyTorch's logits and new cache entries over PARITY_GRID. The cases of one (past, sequence) run
+    as one batch, their rows side by side (each row is computed alone: its own mask, no mixing), so
+    the model's weights are read once per shape rather than once per case."""
+    cases: list = [None] * len(PARITY_GRID)
+    for past, seq in dict.fromkeys((p, t) for _, p, t, _ in PARITY_GRID):
+        indices = [i for i, (_, p, t, _) in enumerate(PARITY_GRID) if (p, t) == (past, seq)]
+        inputs = [_parity_case(model.config, i) for i in indices]
+        ids, mask, positions = (torch.cat([case[j] for case in inputs]) for j in range(3))
+        cache = [tuple(torch.cat([case[3][layer][s] for case in inputs]) for s in range(2))
+                 for layer in range(model.config.num_layers)]
         ref = model(ids, past=cache, attention_mask=mask, position_ids=positions, use_cache=True)
-        cases.append((ref.logits.numpy(), [t[:, :, past:].numpy() for kv in ref.present for t in kv]))
+        rows = np.cumsum([0] + [len(case[0]) for case in inputs])
+        for i, start, end in zip(indices, rows[:-1], rows[1:]):
+            new = [t[start:end, :, past:].numpy() for kv in ref.present for t in kv]
+            cases[i] = (ref.logits[start:end].numpy(), new)
     return {"torch": torch_side(model), "config": model.config, "cases": cases}
 
 
@@ -122,13 +131,22 @@ def _shared_case(c, index: int):
 
 @torch.no_grad()
 def shared_reference(model: GPT) -> dict:
-    """PyTorch's logits and new cache entries for each row of SHARED_GRID, row by row."""
-    cases = []
+    """PyTorch's logits and new cache entries for each row of SHARED_GRID, each row alone (rows of
+    the same past and sequence length, from any case, side by side in one batch)."""
+    rows = {}  # (past, sequence) -> [(case, row, ids, cache)]
     for index in range(len(SHARED_GRID)):
-        pasts, ids, _, _, _, rows = _shared_case(model.config, index)
-        refs = [model(ids[r:r + 1], past=cache, use_cache=True) for r, cache in enumerate(rows)]
-        cases.append([(ref.logits[0].numpy(), [t[0, :, p:].numpy() for kv in ref.present for t in kv])
-                      for p, ref in zip(pasts, refs)])
+        pasts, ids, _, _, _, caches = _shared_case(model.config, index)
+        for r, (p, cache) in enumerate(zip(pasts, caches)):
+            rows.setdefault((p, ids.shape[1]), []).append((index, r, ids[r:r + 1], cache))
+    cases = [[] for _ in SHARED_GRID]
+    for (past, _), group in rows.items():
+        cache = [tuple(torch.cat([g[3][layer][s] for g in group]) for s in range(2))
+                 for layer in range(model.config.num_layers)]
+        ref = model(torch.cat([g[2] for g in group]), past=cache, use_cache=True)
+        for j, (index, r, _, _) in enumerate(group):
+            new = [t[j, :, past:].numpy() for kv in ref.present for t in kv]
+            cases[index].append((r, (ref.logits[j].numpy(), new)))
+    cases = [[entry for _, entry in sorted(case, key=lambda e: e[0])] for case in cases]
     return {"torch": torch_side(model), "config": model.config, "cases": cases}
 
 

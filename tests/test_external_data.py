@@ -125,14 +125,15 @@ def test_a_big_model_is_traced_in_a_process_of_its_own_and_released_before_the_g
     from export import pipeline
 
     monkeypatch.setattr(pipeline, "TRACE_APART_ABOVE", 0)
-    manifest = export(run_dir, tmp_path / "apart", log=lambda s: None)
+    manifest = export(run_dir, tmp_path / "apart", exporter="dynamo", log=lambda s: None)
     assert manifest["parity"]["fp32"]["passed"] and manifest["parity"]["greedy"]["identical"]
     assert manifest["export_options"]["exporter"] == "dynamo" and "trace" in manifest["timings"]
     from export.graph import trace_checkpoint
     from gpt.checkpoint import resolve_checkpoint
 
-    with pytest.raises(ExportError, match=r"^--exporter 'nope' is unknown: use one of dynamo, torchscript$"):
+    with pytest.raises(ExportError, match=r"^--exporter 'nope' does not trace: use one of dynamo, torchscript$"):
         trace_checkpoint(resolve_checkpoint(run_dir), tmp_path / "bad.onnx", 18, "nope")
-    with pytest.raises(ExportError, match=r"--exporter 'nope' is unknown") as e:  # and before anything runs
+    with pytest.raises(ExportError, match=r"^--exporter 'nope' is unknown: use one of builder, dynamo, "
+                                          r"torchscript$") as e:  # and before anything runs
         export(run_dir, tmp_path / "bad", exporter="nope", log=lambda s: None)
     assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()

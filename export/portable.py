@@ -1,0 +1,180 @@
+"""The portable graph, written from the checkpoint: what the exporter would trace, without tracing.
+
+`model.onnx` holds the model in standard ONNX ops (opset 17 and up), with the cache that grows by
+Concat, exactly as `gpt/model.py` computes it:
+
+    attention_mask, shapes ─► the additive mask (B, 1, T, P+T), built once, as gpt/model.py builds it
+    ids, positions ─► Gather(token table) + Gather(position table)
+    per block:
+        LayerNormalization ─► MatMul(W_qkv) + b ─► Split ─► q, k, v as (B, H, T, D)
+        k, v after the past (Concat) ─► present ─► softmax(q·kᵀ / √D + mask) · v ─► MatMul(W_proj) + b, + x
+        LayerNormalization ─► MatMul(W_fc) + b ─► GELU (tanh) ─► MatMul(W_proj) + b, + x
+    LayerNormalization (ln_f) ─► MatMul by the token table's Transpose (tied) or the head ─► logits
+
+It is what `torch.onnx.export` traces from the same model, about 40 nodes per block, written in a
+few seconds at any size where the trace takes a minute at GPT-2 small (torch.export and onnxscript
+walk every op in Python): the export's default (`--exporter builder`). Like onnxruntime-genai's model
+builder, it knows this architecture only; the gates check it against PyTorch as they check a trace,
+so a changed `gpt/model.py` fails the parity grid, and `--exporter dynamo` traces the code as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from export.fused import LAYER_NORM_EPS, FusedBuilder
+from export.onnxfile import WeightFile
+from serve.manifest import input_names, output_names
+
+MIN_OPSET = 17  # LayerNormalization
+
+
+class PortableBuilder(FusedBuilder):
+    """The fused builder's pieces (weights streamed to the data file, one `make_*` per piece), with
+    standard ops in place of onnxruntime's fused ones."""
+
+    def const(self, name: str, array) -> str:
+        """A small constant of the graph (shapes, axes, scalars), kept in the graph itself."""
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def make_mask(self) -> None:
+        """gpt/model.py's mask: key j is visible to query i (at position P+i) when j <= P+i and the
+        attention_mask says it is real, and always its own slot; 0 where visible, float32's min elsewhere."""
+        from onnx import TensorProto
+
+        self.const("zero_i", np.array(0, np.int64))
+        self.const("one_i", np.array(1, np.int64))
+        self.const("axis_0", np.array([0], np.int64))
+        self.const("axis_1", np.array([1], np.int64))
+        self.const("axes_1_2", np.array([1, 2], np.int64))
+        self.node("Shape", ["attention_mask"], ["mask_shape"])
+        self.node("Gather", ["mask_shape", "one_i"], ["S"], axis=0)  # P + T
+        self.node("Shape", ["input_ids"], ["ids_shape"])
+        self.node("Gather", ["ids_shape", "one_i"], ["T"], axis=0)
+        self.node("Sub", ["S", "T"], ["P"])
+        self.node("Range", ["zero_i", "S", "one_i"], ["key_pos"])  # (S,)
+        self.node("Range", ["P", "S", "one_i"], ["query_pos"])  # (T,)
+        self.node("Unsqueeze", ["key_pos", "axis_0"], ["key_row"])  # (1, S)
+        self.node("Unsqueeze", ["query_pos", "axis_1"], ["query_col"])  # (T, 1)
+        self.node("LessOrEqual", ["key_row", "query_col"], ["causal"])  # (T, S)
+        self.node("Equal", ["key_row", "query_col"], ["own"])  # (T, S)
+        self.node("Cast", ["attention_mask"], ["real"], to=TensorProto.BOOL)  # (B, S)
+        self.node("Unsqueeze", ["real", "axes_1_2"], ["real_keys"])  # (B, 1, 1, S)
+        self.node("And", ["causal", "real_keys"], ["visible_real"])  # (B, 1, T, S)
+        self.node("Or", ["visible_real", "own"], ["visible"])
+        self.node("Where", ["visible", self.const("mask_open", np.array(0, np.float32)),
+                            self.const("mask_shut", np.array(np.finfo(np.float32).min, np.float32))], ["mask"])
+
+    def make_embeddings(self) -> None:
+        """Token and position embeddings, added (dropout is off in inference)."""
+        self.node("Gather", [self.weight("token_embedding.weight", self.state["token_embedding.weight"]),
+                             "input_ids"], ["tok"], axis=0)
+        self.node("Gather", [self.weight("position_embedding.weight", self.state["position_embedding.weight"]),
+                             "position_ids"], ["pos"], axis=0)
+        self.node("Add", ["tok", "pos"], ["h.0.x"])
+
+    def make_layer_norm(self, x: str, ln: str, out: str) -> None:
+        params = [self.weight(f"{ln}.weight", self.state[f"{ln}.weight"])]
+        if f"{ln}.bias" in self.state:
+            params.append(self.weight(f"{ln}.bias", self.state[f"{ln}.bias"]))
+        self.node("LayerNormalization", [x, *params], [out], axis=-1, epsilon=LAYER_NORM_EPS)
+
+    def make_attention(self, i: int) -> None:
+        """Block i's attention, with the cache concatenated: present = past followed by this call's."""
+        c, p, h = self.config, f"blocks.{i}", f"h.{i}"
+        self.make_layer_norm(f"{h}.x", f"{p}.ln_1", f"{h}.ln_1")
+        self.make_linear(f"{h}.ln_1", f"{p}.attn.qkv", f"{h}.qkv")
+        self.node("Split", [f"{h}.qkv", "qkv_split"], [f"{h}.q", f"{h}.k", f"{h}.v"], axis=2)
+        for part in "qkv":
+            self.node("Reshape", [f"{h}.{part}", "heads_shape"], [f"{h}.{part}_bthd"])
+            self.node("Transpose", [f"{h}.{part}_bthd"], [f"{h}.{part}_h"], perm=[0, 2, 1, 3])  # (B, H, T, D)
+        self.node("Concat", [f"past_key_values.{i}.key", f"{h}.k_h"], [f"present.{i}.key"], axis=2)
+        self.node("Concat", [f"past_key_values.{i}.value", f"{h}.v_h"], [f"present.{i}.value"], axis=2)
+        self.node("Transpose", [f"present.{i}.key"], [f"{h}.k_t"], perm=[0, 1, 3, 2])  # (B, H, D, P+T)
+        self.node("MatMul", [f"{h}.q_h", f"{h}.k_t"], [f"{h}.qk"])
+        self.node("Mul", [f"{h}.qk", self.const(f"{h}.scale", np.array(1 / np.sqrt(c.head_dim), np.float32))],
+                  [f"{h}.scores"])
+        self.node("Add", [f"{h}.scores", "mask"], [f"{h}.masked"])
+        self.node("Softmax", [f"{h}.masked"], [f"{h}.weights"], axis=-1)
+        self.node("MatMul", [f"{h}.weights", f"present.{i}.value"], [f"{h}.y_h"])  # (B, H, T, D)
+        self.node("Transpose", [f"{h}.y_h"], [f"{h}.y_bthd"], perm=[0, 2, 1, 3])
+        self.node("Reshape", [f"{h}.y_bthd", "width_shape"], [f"{h}.y"])  # (B, T, C)
+        self.make_linear(f"{h}.y", f"{p}.attn.proj", f"{h}.attn_out")
+        self.node("Add", [f"{h}.x", f"{h}.attn_out"], [f"{h}.x2"])
+
+    def make_mlp(self, i: int) -> None:
+        """Block i's feed-forward, GELU in its tanh form: x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))."""
+        p, h = f"blocks.{i}", f"h.{i}"
+        self.make_layer_norm(f"{h}.x2", f"{p}.ln_2", f"{h}.ln_2")
+        self.make_linear(f"{h}.ln_2", f"{p}.mlp.fc", f"{h}.fc")
+        self.node("Pow", [f"{h}.fc", "three"], [f"{h}.cube"])
+        self.node("Mul", [f"{h}.cube", "gelu_c"], [f"{h}.cube_c"])
+        self.node("Add", [f"{h}.fc", f"{h}.cube_c"], [f"{h}.inner"])
+        self.node("Mul", [f"{h}.inner", "sqrt_2_pi"], [f"{h}.inner_s"])
+        self.node("Tanh", [f"{h}.inner_s"], [f"{h}.tanh"])
+        self.node("Add", [f"{h}.tanh", "one_f"], [f"{h}.tanh_1"])
+        self.node("Mul", [f"{h}.fc", f"{h}.tanh_1"], [f"{h}.gelu_2"])
+        self.node("Mul", [f"{h}.gelu_2", "half"], [f"{h}.gelu"])
+        self.make_linear(f"{h}.gelu", f"{p}.mlp.proj", f"{h}.mlp_out")
+        self.node("Add", [f"{h}.x2", f"{h}.mlp_out"], [f"h.{i + 1}.x"])
+
+    def make_head(self) -> None:
+        """ln_f, then the LM head: a tied model multiplies by the token table's Transpose (one copy of
+        the table, as in the model); an untied one by its own (transposed) weight."""
+        last = f"h.{self.config.num_layers}.x"
+        self.make_layer_norm(last, "ln_f", "final")
+        if self.config.tie_embeddings:
+            self.node("Transpose", ["token_embedding.weight"], ["lm_head.weight_t"], perm=[1, 0])
+            head = "lm_head.weight_t"
+        else:
+            head = self.weight("lm_head.weight_t", self.state["lm_head.weight"].T)
+        self.node("MatMul", ["final", head], ["logits"])
+
+    def make_model(self):
+        """Every piece in order, under the Optimum names, the cache's length named as a trace names it."""
+        from onnx import TensorProto, helper
+
+        c = self.config
+        C, H, D, L = c.embedding_dim, c.num_heads, c.head_dim, c.num_layers
+        self.const("qkv_split", np.array([C, C, C], np.int64))
+        self.const("heads_shape", np.array([0, 0, H, D], np.int64))
+        self.const("width_shape", np.array([0, 0, C], np.int64))
+        for name, value in (("three", 3.0), ("gelu_c", 0.044715), ("sqrt_2_pi", np.sqrt(2 / np.pi)), ("one_f", 1.0),
+                            ("half", 0.5)):
+            self.const(name, np.array(value, np.float32))
+        self.make_mask()
+        self.make_embeddings()
+        for i in range(L):
+            self.make_attention(i)
+            self.make_mlp(i)
+        self.make_head()
+        total = "past_sequence + sequence"
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", total]),
+                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
+        inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "past_sequence", D])
+                   for n in input_names(L)[3:]]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab_size])]
+        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, total, D])
+                    for n in output_names(L)[1:]]
+        graph = helper.make_graph(self.nodes, "gpt", inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                                  producer_name="gpt.export.portable")
+        model.ir_version = 10
+        return model
+
+
+def build_portable(model, path: Path, opset: int = 18) -> None:
+    """Write the portable graph of `model` (a gpt.model.GPT) to `path`, its weights streamed to
+    PATH.data as they are made (export.onnxfile.finish packs them in when they are small)."""
+    import onnx
+
+    weights = WeightFile(path, external=True)
+    proto = PortableBuilder(model, opset, "float32", weights).make_model()
+    weights.close()
+    onnx.save(proto, str(path))
