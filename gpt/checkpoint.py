@@ -31,10 +31,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gpt.config import ModelConfig, model_config_from_dict
-from gpt.files import publish_folder, write_atomic
+from gpt.files import publish_folder, save_safetensors, write_atomic
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_sha256
 
@@ -124,7 +124,7 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
 def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict) -> None:
     """Write the self-describing part of a checkpoint, then meta.json listing every file in `folder`
     (the optimizer and RNG states included, so write those first) with its size."""
-    save_file(weights_to_save(model), str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    save_safetensors(weights_to_save(model), folder / "model.safetensors", metadata={"format": FORMAT})
     (folder / "config.json").write_text(json.dumps(model.config.__dict__, indent=2))
     tokenizer.save(folder / "tokenizer.json")
     (folder / "run_config.json").write_text(json.dumps(run_config, indent=2))

@@ -52,6 +52,19 @@ def fsync_tree(folder: str | Path) -> None:
         fsync_path(d)
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file with the mode any new file gets (0o666 less the umask,
+    as config.json beside it): safetensors 0.8 writes through a temporary file created 0600 and
+    renames it (safetensors/safetensors#782), which would leave the weights readable by their writer
+    alone, so a server or a container running as another user could not load them."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, rename, fsync the folder."""
     path = Path(path)

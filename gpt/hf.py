@@ -24,9 +24,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gpt.config import ModelConfig
+from gpt.files import save_safetensors
 from gpt.model import GPT
 from gpt.tokenizer import EOT, BPETokenizer, Tokenizer, byte_level_twin, load_tokenizer
 
@@ -169,8 +170,8 @@ def export_gpt2(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     if not c.tie_embeddings:
         state["lm_head.weight"] = model.lm_head.weight
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, folder / "model.safetensors",
+                     metadata={"format": "pt"})
     eot = tokenizer.eot_id
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
               "n_positions": c.block_size, "n_embd": c.embedding_dim, "n_layer": c.num_layers, "n_head": c.num_heads,

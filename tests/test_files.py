@@ -134,3 +134,19 @@ def test_a_second_holder_is_refused_with_the_first_ones_name_and_a_kill_frees_th
             time.sleep(0.05)
     assert f"pid {os.getpid()} " in lock.holder()
     lock.release()
+
+
+def test_weights_are_readable_as_any_new_file_is(run_dir, tmp_path):
+    """safetensors 0.8 leaves what it writes at 0600; a checkpoint's and a transformers folder's weights
+    get the mode config.json beside them gets, so another user (a server, a container) can read them."""
+    from pathlib import Path
+
+    from gpt.checkpoint import load_checkpoint
+    from gpt.hf import export_gpt2
+
+    model, tokenizer, meta = load_checkpoint(run_dir)
+    for folder in (Path(meta["path"]), tmp_path / "hf"):
+        if folder.name == "hf":
+            export_gpt2(model, tokenizer, folder)
+        mode = (folder / "model.safetensors").stat().st_mode
+        assert mode == (folder / "config.json").stat().st_mode and mode & 0o044 == 0o044, (folder, oct(mode))
