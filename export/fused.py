@@ -71,6 +71,18 @@ class FusedBuilder:
         self.inits.append(self.weights.tensor(name, array) if self.weights else numpy_helper.from_array(array, name))
         return name
 
+    def const(self, name: str, array) -> str:
+        """A small constant of the graph (shapes, axes, scalars), kept in the graph itself."""
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def ln_params(self, ln: str) -> list[str]:
+        """LayerNorm `ln`'s gain and bias as initializers (the bias "" when the model has none)."""
+        bias = self.weight(f"{ln}.bias", self.state[f"{ln}.bias"]) if f"{ln}.bias" in self.state else ""
+        return [self.weight(f"{ln}.weight", self.state[f"{ln}.weight"]), bias]
+
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
         from onnx import helper
 
@@ -90,18 +102,17 @@ class FusedBuilder:
 
     def make_skip_layer_norm(self, x: str, skip: str, ln: str, bias: str | None, out: str, residual: str) -> None:
         """(x + skip + bias) → `residual`, and its LayerNorm `ln` → `out`, in one op."""
-        params = [self.weight(f"{ln}.weight", self.state[f"{ln}.weight"])]
-        params.append(self.weight(f"{ln}.bias", self.state[f"{ln}.bias"]) if f"{ln}.bias" in self.state else "")
-        self.node("SkipLayerNormalization", [x, skip, *params, *([bias] if bias else [])], [out, "", "", residual],
+        self.node("SkipLayerNormalization", [x, skip, *self.ln_params(ln), *([bias] if bias else [])],
+                  [out, "", "", residual],
                   domain=MS, epsilon=LAYER_NORM_EPS)
 
     def make_attention_inputs(self) -> None:
         """seqlens_k = real tokens - 1 per row and total_sequence_length = the mask's width, as
         GroupQueryAttention takes them (int32)."""
-        from onnx import TensorProto, numpy_helper
+        from onnx import TensorProto
 
-        self.inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_1"))
-        self.inits.append(numpy_helper.from_array(np.array(1, np.int64), "one"))
+        self.const("axis_1", np.array([1], np.int64))
+        self.const("one", np.array(1, np.int64))
         self.node("ReduceSum", ["attention_mask", "axis_1"], ["mask_sum"], keepdims=0)
         self.node("Sub", ["mask_sum", "one"], ["seqlens_k_64"])
         self.node("Cast", ["seqlens_k_64"], ["seqlens_k"], to=TensorProto.INT32)

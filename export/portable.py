@@ -35,13 +35,6 @@ class PortableBuilder(FusedBuilder):
     """The fused builder's pieces (weights streamed to the data file, one `make_*` per piece), with
     standard ops in place of onnxruntime's fused ones."""
 
-    def const(self, name: str, array) -> str:
-        """A small constant of the graph (shapes, axes, scalars), kept in the graph itself."""
-        from onnx import numpy_helper
-
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
     def make_mask(self) -> None:
         """gpt/model.py's mask: key j is visible to query i (at position P+i) when j <= P+i and the
         attention_mask says it is real, and always its own slot; 0 where visible, float32's min elsewhere."""
@@ -79,9 +72,7 @@ class PortableBuilder(FusedBuilder):
         self.node("Add", ["tok", "pos"], ["h.0.x"])
 
     def make_layer_norm(self, x: str, ln: str, out: str) -> None:
-        params = [self.weight(f"{ln}.weight", self.state[f"{ln}.weight"])]
-        if f"{ln}.bias" in self.state:
-            params.append(self.weight(f"{ln}.bias", self.state[f"{ln}.bias"]))
+        params = [p for p in self.ln_params(ln) if p]  # no bias: the input left out, not named ""
         self.node("LayerNormalization", [x, *params], [out], axis=-1, epsilon=LAYER_NORM_EPS)
 
     def make_attention(self, i: int) -> None:
