@@ -90,7 +90,7 @@ def run(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(args.export_dir) if args.export_dir else make_export(
-            Path(tmp), args.layers, args.heads, args.dim, args.block, optimize=True, int4=True, eval_windows=2)
+            Path(tmp), args.layers, args.heads, args.dim, args.block, optimize=True, int4=True, eval_tokens=512)
         files = json.loads((export_dir / "manifest.json").read_text())["files"]
         models = [m for m in args.models if m in files]
         results = {m: serve_and_load(export_dir, m, args) for m in models}

@@ -100,7 +100,7 @@ def run(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, _, _ = random_checkpoint(Path(tmp) / "checkpoint", args.layers, args.heads, args.dim, args.block)
-        manifest = export(ckpt, Path(tmp) / "export", int4=True, optimize=True, eval_windows=2, log=lambda s: None)
+        manifest = export(ckpt, Path(tmp) / "export", int4=True, optimize=True, eval_tokens=512, log=lambda s: None)
         config = manifest["model"]
         print(f"machine: {machine()}; {args.threads} threads")
         print(f"model {args.layers} layers, {args.dim}-d, block {args.block}; one decode step after {args.context} "

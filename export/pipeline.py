@@ -38,7 +38,7 @@ from export.genai import write_genai_config
 from export.graph import EXPORTERS, TRACE_APART_ABOVE, check_graph, example_inputs, trace, trace_checkpoint
 from export.onnxfile import EXTERNAL_DATA_ABOVE
 from export.portable import MIN_OPSET, build_portable
-from export.variants import NBITS_ACCURACY, NBITS_BLOCKS, nbits_block, write_variant
+from export.variants import NBITS, NBITS_ACCURACY, NBITS_BLOCKS, nbits_block, write_variant
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.config import ModelConfig
 from gpt.files import sha256_file, staging
@@ -65,7 +65,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     model.float().eval()
     config = model.config
     if (int4 or int8_weights) and not nbits_block(config.embedding_dim):
-        raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCKS[-1]} inputs, and this "
+        raise ExportError(f"--int4 and --int8-weights quantize in blocks of {NBITS_BLOCKS[4][-1]} inputs, and this "
                           f"model's embedding_dim is {config.embedding_dim}: use --int8 (dynamic) instead")
     options = {"int8": int8, "fp16": fp16, "int4": int4, "int8_weights": int8_weights, "optimize": optimize,
                "opset": opset, "external_data_above": external_data_above}
@@ -266,7 +266,7 @@ def verify_variants(references: dict, tmp: Path, manifest: dict, variants: list[
                 raise ExportError(f"the {variant} model produces NaN/inf logits; {fix}")
             entry = {"file": VARIANTS[variant]}
             if kind in ("int4", "int8w"):
-                entry |= {"op": "MatMulNBits", "block_size": nbits_block(config.embedding_dim),
+                entry |= {"op": "MatMulNBits", "block_size": nbits_block(config.embedding_dim, NBITS[kind]),
                           "accuracy_level": NBITS_ACCURACY}
             quality[variant] = entry | variant_quality(quantized, windows, base, why, variant, log)
     return quality

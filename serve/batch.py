@@ -29,7 +29,7 @@ import numpy as np
 
 from gpt.sampling import SamplingParams, penalize, refill_context, sample
 from gpt.tokenizer import StreamDecoder, Tokenizer
-from serve.cache import CacheBuffers
+from serve.cache import CacheBuffers, StepBinding
 from serve.scoring import TokenLogprob, logprob_entry
 
 if TYPE_CHECKING:
@@ -192,7 +192,8 @@ class Batch(ABC):
                 finished.append(s)
             else:
                 s.context.append(s.generated[-1])
-        self.remove(finished)
+        if finished:
+            self.remove(finished)
         return events
 
 
@@ -322,6 +323,7 @@ class SlotBatch(Batch):
         self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
         self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
         self.length = np.zeros(self.buffers.slots, np.int64)  # tokens cached in each slot
+        self.steps: dict[int, StepBinding] = {}  # n -> the decode step of slots [0, n), bound once
 
     def cache_bytes_in_use(self) -> int:
         return len(self.slot_of) * self.model.cache_bytes(1)
@@ -377,16 +379,23 @@ class SlotBatch(Batch):
             if len(s.context) > block:
                 s.context = refill_context(s.context, block)
                 self._prefill(self.slot_of[id(s)], s.context[:-1])
-        slots = np.array([self.slot_of[id(s)] for s in self.sequences])
-        n = int(slots.max()) + 1
-        ids = np.zeros((n, 1), np.int64)
-        ids[slots, 0] = [s.context[-1] for s in self.sequences]
-        positions = self.length[:n, None].copy()  # the fed token's position: the tokens before it
-        lengths = self.length[:n] + 1
-        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # (n, T)
-        logits, _ = self.model.run(ids, mask, positions, self.buffers.view(0, n))
+        slots = [self.slot_of[id(s)] for s in self.sequences]
+        n = max(slots) + 1
+        step = self.steps.get(n)
+        if step is None or step.buffers is not self.buffers:  # new, or the buffers grew since
+            step = self.steps[n] = StepBinding(self.buffers.view(0, n))
+        lengths = self.length[:n]  # tokens cached in each slot: the fed token's position
+        if n == len(slots) and slots == sorted(slots):  # slots 0..n-1 in order: no gather, no scatter
+            step.ids[:, 0] = [s.context[-1] for s in self.sequences]
+            step.positions[:, 0] = lengths
+            lengths += 1
+            self.logits = step.run(lengths)[:, -1]  # a view, read by emit() before the next step
+            return
+        step.ids.fill(0)  # a free slot among them decodes a dummy token at its position 0
+        step.ids[slots, 0] = [s.context[-1] for s in self.sequences]
+        step.positions[:, 0] = lengths
         self.length[slots] += 1
-        self.logits = logits[slots, -1]
+        self.logits = step.run(lengths + (lengths == 0))[slots, -1]
 
 
 def make_batch(model: OnnxModel, slots: int | None = None) -> Batch:

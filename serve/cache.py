@@ -3,7 +3,9 @@
 `CacheBuffers` holds 2 * num_layers buffers of (slots, heads, block_size, head_dim) on the model's
 device, allocated once. Slot s of every buffer holds one sequence's keys or values. A `CacheView`
 is a range of slots, bound by address as both past and present, so the graph's attention op
-writes each new key and value in place: nothing is copied between steps.
+writes each new key and value in place: nothing is copied between steps. A `StepBinding` is one
+decode step over a view, bound once: its token ids, positions and logits are arrays written in
+place, so a step costs onnxruntime's run and little Python around it.
 
 Imports no torch.
 """
@@ -67,11 +69,11 @@ class CacheView:
         offset = self.start * self.buffers.slot_bytes
         return [p + offset for p in self.buffers._pointers]
 
-    def binding(self) -> Any:
-        """An IOBinding with these slots bound as past and present, made once per view and reused: a
-        decode step binds only its three small inputs and the logits."""
+    def binding(self, reuse: bool = True) -> Any:
+        """An IOBinding with these slots bound as past and present, made once per view and reused (a
+        call binds only its three small inputs and the logits); `reuse=False`: a new one of its own."""
         key = (self.start, self.count)
-        binding = self.buffers.bindings.get(key)
+        binding = self.buffers.bindings.get(key) if reuse else None
         if binding is None:
             model = self.buffers.model
             binding = model.session.io_binding()
@@ -79,9 +81,44 @@ class CacheView:
             for name_in, name_out, pointer in zip(model.input_names[3:], model.output_names[1:], self.pointers()):
                 binding.bind_input(name_in, model.device, 0, model.cache_dtype, shape, pointer)
                 binding.bind_output(name_out, model.device, 0, model.cache_dtype, shape, pointer)
-            self.buffers.bindings[key] = binding
+            if reuse:
+                self.buffers.bindings[key] = binding
         return binding
 
     def host(self) -> list[np.ndarray]:
         return [a[self.start:self.start + self.count] for a in self.buffers.host()]
 
+
+
+class StepBinding:
+    """One decode step of slots [0, n), every input and output bound once by address.
+
+    `ids` and `positions` (n, 1) and `logits` (n, 1, V) are arrays of ours that the caller writes and
+    reads in place. Only the attention mask is bound per step, as its width grows: at one slot it is
+    a prefix of a row of ones, so a step allocates nothing. This is the decode loop's fast path; the
+    general `OnnxModel.run` binds whatever it is given."""
+
+    def __init__(self, view: CacheView):
+        model = view.buffers.model
+        self.buffers, self.count, self.session = view.buffers, view.count, model.session
+        self.binding = view.binding(reuse=False)  # its own: a prefill rebinds the shared ones' inputs
+        n = view.count
+        self.ids, self.positions = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
+        self.logits = np.empty((n, 1, model.vocab_size), np.float32)
+        self.ones = np.ones((1, model.block_size), np.int64)
+        self.mask = self.ones  # the mask bound last: kept alive until the next step binds another
+        for name, array in (("input_ids", self.ids), ("position_ids", self.positions)):
+            self.binding.bind_input(name, "cpu", 0, np.int64, list(array.shape), array.ctypes.data)
+        self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
+
+    def run(self, lengths: np.ndarray) -> np.ndarray:
+        """Run the step with `lengths[s]` tokens in slot s, the fed one included (ids and positions
+        written already); the logits (n, 1, V), overwritten by the next step."""
+        if self.count == 1:
+            width, self.mask = int(lengths[0]), self.ones
+        else:
+            width = int(lengths.max())
+            self.mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        self.binding.bind_input("attention_mask", "cpu", 0, np.int64, [self.count, width], self.mask.ctypes.data)
+        self.session.run_with_iobinding(self.binding)
+        return self.logits

@@ -238,8 +238,10 @@ def _assert_tables_quantized(path, tie: bool) -> None:
     assert sorted(bits for _, bits in tables) == ([4, 8] if tie else [8, 8])
 
 
-@pytest.mark.parametrize("width, block", [(32, 32), (96, 32), (64, 64), (768, 64), (24, None)])
-def test_the_nbits_block_is_64_where_the_width_allows(width, block):
+@pytest.mark.parametrize("width, block4, block8", [(32, 32, 32), (96, 32, 32), (64, 64, 64), (384, 64, 128),
+                                                   (768, 64, 256), (24, None, None)])
+def test_the_nbits_block_is_64_at_4_bits_and_up_to_256_at_8_where_the_width_allows(width, block4, block8):
     from export.variants import nbits_block
 
-    assert nbits_block(width) == block
+    assert nbits_block(width) == nbits_block(width, 4) == block4
+    assert nbits_block(width, 8) == block8
