@@ -374,28 +374,22 @@ class SlotBatch(Batch):
         """Feed every sequence its sampled token: one model call for slots [0, n)."""
         if not self.sequences:
             return
-        block = self.model.block_size
         for s in self.sequences:  # a full window restarts from the last half of its context, as in PyTorch
-            if len(s.context) > block:
-                s.context = refill_context(s.context, block)
+            if len(s.context) > self.model.block_size:
+                s.context = refill_context(s.context, self.model.block_size)
                 self._prefill(self.slot_of[id(s)], s.context[:-1])
         slots = [self.slot_of[id(s)] for s in self.sequences]
         n = max(slots) + 1
         step = self.steps.get(n)
         if step is None or step.buffers is not self.buffers:  # new, or the buffers grew since
             step = self.steps[n] = StepBinding(self.buffers.view(0, n))
-        lengths = self.length[:n]  # tokens cached in each slot: the fed token's position
-        if n == len(slots) and slots == sorted(slots):  # slots 0..n-1 in order: no gather, no scatter
-            step.ids[:, 0] = [s.context[-1] for s in self.sequences]
-            step.positions[:, 0] = lengths
-            lengths += 1
-            self.logits = step.run(lengths)[:, -1]  # a view, read by emit() before the next step
-            return
+        rows = slice(0, n) if slots == list(range(n)) else slots  # in order (always at batch 1): no gather
         step.ids.fill(0)  # a free slot among them decodes a dummy token at its position 0
-        step.ids[slots, 0] = [s.context[-1] for s in self.sequences]
-        step.positions[:, 0] = lengths
-        self.length[slots] += 1
-        self.logits = step.run(lengths + (lengths == 0))[slots, -1]
+        step.ids[rows, 0] = [s.context[-1] for s in self.sequences]
+        step.positions[:, 0] = self.length[:n]  # the fed token's position: the tokens before it
+        self.length[rows] += 1
+        logits = step.run(np.maximum(self.length[:n], 1))  # a free slot's row: its dummy token alone
+        self.logits = logits[rows, -1]  # in order, a view: emit() reads it before the next step
 
 
 def make_batch(model: OnnxModel, slots: int | None = None) -> Batch:
