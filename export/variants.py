@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import warnings
@@ -259,10 +258,8 @@ def _topological_sort(graph) -> None:
     graph.node.extend(ordered)
 
 
-
-NBITS = {"int4": 4, "int8w": 8}  # the weight-only variants' bits
-MAKERS = {"int8": quantize_int8, "fp16": convert_fp16, "int4": functools.partial(quantize_nbits, bits=4),
-          "int8w": functools.partial(quantize_nbits, bits=8)}
+NBITS = {"int4": 4, "int8w": 8}  # the weight-only variants (quantize_nbits) and their bits
+MAKERS = {"int8": quantize_int8, "fp16": convert_fp16}
 
 
 def write_variant(config, folder: Path, variant: str, opset: int, model=None) -> Path:
@@ -275,8 +272,8 @@ def write_variant(config, folder: Path, variant: str, opset: int, model=None) ->
     source, target = folder / VARIANTS["fused" if fused else "fp32"], folder / VARIANTS[variant]
     if fused and kind == "fp16":  # written directly: GroupQueryAttention's cache must be fp16 too
         build_fused(model, target, opset=opset, dtype="float16")
-    elif kind in ("int4", "int8w"):
-        MAKERS[kind](source, target, block=nbits_block(config.embedding_dim, NBITS[kind]))
+    elif kind in NBITS:
+        quantize_nbits(source, target, NBITS[kind], nbits_block(config.embedding_dim, NBITS[kind]))
     else:
         MAKERS[kind](source, target)
     return target

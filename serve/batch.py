@@ -332,6 +332,7 @@ class SlotBatch(Batch):
         if not self.free:  # more sequences than slots: double the buffers (one copy, not per step)
             old = self.buffers.slots
             self.buffers = self.buffers.grown(2 * old)
+            self.steps.clear()  # bound to the old buffers, which they would keep alive
             self.free = list(range(old, 2 * old))
             self.length = np.concatenate([self.length, np.zeros(old, np.int64)])
         return self.free.pop(0)
@@ -381,7 +382,7 @@ class SlotBatch(Batch):
         slots = [self.slot_of[id(s)] for s in self.sequences]
         n = max(slots) + 1
         step = self.steps.get(n)
-        if step is None or step.buffers is not self.buffers:  # new, or the buffers grew since
+        if step is None:
             step = self.steps[n] = StepBinding(self.buffers.view(0, n))
         rows = slice(0, n) if slots == list(range(n)) else slots  # in order (always at batch 1): no gather
         step.ids.fill(0)  # a free slot among them decodes a dummy token at its position 0

@@ -89,7 +89,6 @@ class CacheView:
         return [a[self.start:self.start + self.count] for a in self.buffers.host()]
 
 
-
 class StepBinding:
     """One decode step of slots [0, n), every input and output bound once by address.
 
@@ -100,7 +99,7 @@ class StepBinding:
 
     def __init__(self, view: CacheView):
         model = view.buffers.model
-        self.buffers, self.count, self.session = view.buffers, view.count, model.session
+        self.count, self.session = view.count, model.session
         self.binding = view.binding(reuse=False)  # its own: a prefill rebinds the shared ones' inputs
         n = view.count
         self.ids, self.positions = np.zeros((n, 1), np.int64), np.zeros((n, 1), np.int64)
