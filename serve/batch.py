@@ -322,7 +322,7 @@ class SlotBatch(Batch):
         self.buffers = CacheBuffers(model, max(1, slots))
         self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
         self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
-        self.length = np.zeros(self.buffers.slots, np.int64)  # tokens cached in each slot
+        self.length = [0] * self.buffers.slots  # tokens cached in each slot
         self.steps: dict[int, StepBinding] = {}  # n -> the decode step of slots [0, n), bound once
 
     def cache_bytes_in_use(self) -> int:
@@ -334,7 +334,7 @@ class SlotBatch(Batch):
             self.buffers = self.buffers.grown(2 * old)
             self.steps.clear()  # bound to the old buffers, which they would keep alive
             self.free = list(range(old, 2 * old))
-            self.length = np.concatenate([self.length, np.zeros(old, np.int64)])
+            self.length += [0] * old
         return self.free.pop(0)
 
     def _prefill(self, slot: int, ids: list[int]) -> np.ndarray:
@@ -381,16 +381,16 @@ class SlotBatch(Batch):
                 self._prefill(self.slot_of[id(s)], s.context[:-1])
         slots = [self.slot_of[id(s)] for s in self.sequences]
         n = max(slots) + 1
-        step = self.steps.get(n)
-        if step is None:
-            step = self.steps[n] = StepBinding(self.buffers.view(0, n))
-        rows = slice(0, n) if slots == list(range(n)) else slots  # in order (always at batch 1): no gather
-        step.ids.fill(0)  # a free slot among them decodes a dummy token at its position 0
-        step.ids[rows, 0] = [s.context[-1] for s in self.sequences]
-        step.positions[:, 0] = self.length[:n]  # the fed token's position: the tokens before it
-        self.length[rows] += 1
-        logits = step.run(np.maximum(self.length[:n], 1))  # a free slot's row: its dummy token alone
-        self.logits = logits[rows, -1]  # in order, a view: emit() reads it before the next step
+        step = self.steps.get(n) or self.steps.setdefault(n, StepBinding(self.buffers.view(0, n)))
+        length = self.length
+        for slot in set(range(n)).difference(slots):
+            step.set_row(slot, 0, 0)  # a free slot among them decodes a dummy token at its position 0
+        for s, slot in zip(self.sequences, slots):
+            step.set_row(slot, s.context[-1], length[slot])  # the fed token's position: the tokens before it
+            length[slot] += 1
+        logits = step.run([max(k, 1) for k in length[:n]])  # a free slot's row: its dummy token alone
+        in_order = slots == list(range(n))  # always so at batch 1: then a view, which emit() reads first
+        self.logits = logits[:, -1] if in_order else logits[slots, -1]
 
 
 def make_batch(model: OnnxModel, slots: int | None = None) -> Batch:

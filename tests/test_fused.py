@@ -97,6 +97,41 @@ def test_more_sequences_than_slots_grow_the_buffers_once(export_dir):
     assert [got[i] for i in range(5)] == alone
 
 
+@pytest.mark.parametrize("fixed", [True, False], ids=["mask bound once", "mask bound each step"])
+def test_a_decode_step_marks_its_mask_in_place_and_binds_nothing(export_dir, monkeypatch, fixed):
+    """On CPU a step's mask has the cache's full width and is bound once; each step marks one more
+    token per row in place. Bound at its exact width each step (as on CUDA), it decodes the same."""
+    import serve.cache
+
+    if not fixed:
+        monkeypatch.setattr(serve.cache, "FIXED_MASK_DEVICES", set())
+    runtime = OnnxModel(export_dir, threads=1, variant="fused")
+    tok, greedy = runtime.tokenizer, SamplingParams(greedy=True)
+    prompts = ["ROMEO:", "O", "JULIET: what"]
+    alone = [list(generate(runtime, p, 12, greedy))[-1].sequence.generated for p in prompts]
+    batch = make_batch(runtime, slots=3)
+    made = [Sequence(tok.encode(p), 12 - 6 * (i == 1), greedy, tag=i) for i, p in enumerate(prompts)]
+    batch.add(made)
+    batch.step()
+    step = batch.steps[3]
+    if fixed:
+        def rebound(*args, **kwargs):
+            raise AssertionError("a decode step bound an input again")
+
+        monkeypatch.setattr(step.binding, "bind_input", rebound)
+    got = {}
+    while len(batch):
+        for e in batch.step():
+            got[e.sequence.tag] = e.sequence.generated
+        if 1 in batch.free and len(batch):  # the short one has left: its row decodes a dummy token alone
+            assert batch.length[1] == 0 and step.mask[1].tolist() == [1] + [0] * (runtime.block_size - 1)
+    assert step.mask.shape == (3, runtime.block_size)
+    ones = [list(map(int, row)) for row in step.mask]
+    assert [row.count(1) for row in ones] == [max(k, 1) for k in step.marked] and all(
+        row == sorted(row, reverse=True) for row in ones)  # each row a prefix of ones
+    assert [got[i] for i in range(3)] == [alone[0], alone[1][:6], alone[2]]
+
+
 def test_the_command_line_takes_the_fused_graph_by_default(export_dir):
     assert OnnxModel(export_dir, variant="auto").variant == "fused"
     manifest = read_manifest(export_dir)
