@@ -10,7 +10,7 @@ same model from the checkpoint's weights with onnxruntime's fused
         MatMul(W_qkv) + bias ─► GroupQueryAttention(packed QKV, past, seqlens_k, total_length)
         MatMul(W_proj) ─► SkipLayerNormalization(+ bias, + residual) ─► (x, ln_2(x))
         MatMul(W_fc) ─► FastGelu(+ bias) ─► MatMul(W_fc_proj) ─► SkipLayerNormalization(+ bias, + residual)
-    the last SkipLayerNormalization is ln_f ─► MatMul(lm_head) ─► logits
+    the last SkipLayerNormalization is ln_f ─► Slice(the last logits_to_keep positions) ─► MatMul(lm_head) ─► logits
 
 GroupQueryAttention (with as many key/value heads as query heads, which is plain multi-head
 attention) takes the packed QKV straight from the MatMul and keeps the cache in BNSH layout,
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from export.onnxfile import WeightFile
-from serve.manifest import input_names, output_names
+from serve.manifest import LOGITS_TO_KEEP, input_names, output_names
 
 MS = "com.microsoft"
 FUSED_OPS = ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu")
@@ -148,16 +148,34 @@ class FusedBuilder:
         self.make_skip_layer_norm(f"h.{i}.mlp_out", f"h.{i}.x2", "ln_f" if last else f"blocks.{i + 1}.ln_1", bias,
                                   "final" if last else f"h.{i + 1}.ln_1", "residual_out" if last else f"h.{i + 1}.x")
 
+    def make_logits_to_keep(self, hidden: str) -> str:
+        """The positions of `hidden` (B, T, C) the head reads: the last `logits_to_keep`, every one when 0
+        (its default; serve.manifest.LOGITS_TO_KEEP). A prefill that needs the last position's logits
+        alone skips the head's work on the others: at GPT-2's 50,257 tokens, a quarter of a 128-token
+        prefill (`python bench/decode.py`)."""
+        self.const(LOGITS_TO_KEEP, np.array([0], np.int64))
+        self.const("keep_end", np.array([np.iinfo(np.int64).max], np.int64))
+        self.const("sequence_axis", np.array([1], np.int64))
+        self.node("Neg", [LOGITS_TO_KEEP], ["keep_start"])
+        self.node("Slice", [hidden, "keep_start", "keep_end", "sequence_axis"], [f"{hidden}_kept"])
+        return f"{hidden}_kept"
+
+    def logits_to_keep_input(self):
+        from onnx import TensorProto, helper
+
+        return helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1])
+
     def make_head(self) -> None:
         """The LM head, with its own (transposed) copy even when tied, so quantization can treat it as any MatMul."""
         from onnx import TensorProto
 
         head = self.weight("lm_head.weight_t", self.state["lm_head.weight"].T)
+        final = self.make_logits_to_keep("final")
         if self.dtype == "float16":
-            self.node("MatMul", ["final", head], ["logits_16"])
+            self.node("MatMul", [final, head], ["logits_16"])
             self.node("Cast", ["logits_16"], ["logits"], to=TensorProto.FLOAT)
         else:
-            self.node("MatMul", ["final", head], ["logits"])
+            self.node("MatMul", [final, head], ["logits"])
 
     # --- the whole graph ---------------------------------------------------------------------------
 
@@ -177,8 +195,9 @@ class FusedBuilder:
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
         inputs += [helper.make_tensor_value_info(n, self.elem, cache) for n in input_names(L)[3:]]
+        inputs.append(self.logits_to_keep_input())
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                 ["batch", "sequence", self.config.vocab_size])]
+                                                 ["batch", "kept_sequence", self.config.vocab_size])]
         outputs += [helper.make_tensor_value_info(n, self.elem, cache) for n in output_names(L)[1:]]
         graph = helper.make_graph(self.nodes, "gpt_fused", inputs, outputs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset),

@@ -23,7 +23,9 @@ def genai_config(manifest: dict, variant: str, eot_id: int | None) -> dict:
             "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id,
             "decoder": {
                 "filename": manifest["files"][variant],
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                # errors only: onnxruntime warns at every load that logits_to_keep, an input with a
+                # default, is no constant (it is meant not to be; genai leaves it at every position)
+                "session_options": {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []},
                 "hidden_size": c["embedding_dim"], "head_size": c["embedding_dim"] // c["num_heads"],
                 "num_attention_heads": c["num_heads"], "num_key_value_heads": c["num_heads"],
                 "num_hidden_layers": c["num_layers"],

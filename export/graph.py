@@ -27,7 +27,7 @@ from export import onnxfile
 from export.onnxfile import EXTERNAL_DATA_ABOVE
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from serve.manifest import ExportError, input_names, output_names
+from serve.manifest import LOGITS_TO_KEEP, ExportError, input_names, output_names
 
 
 class ExportGraph(nn.Module):
@@ -217,7 +217,8 @@ def check_graph(path: Path) -> dict:
 
     return {
         "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-        "inputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.input],
+        "inputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.input if v.name != LOGITS_TO_KEEP],
+        "logits_to_keep": any(v.name == LOGITS_TO_KEEP for v in model.graph.input),
         "outputs": [{"name": v.name, "shape": shape(v)} for v in model.graph.output],
         "nodes": sum(ops.values()),
         "ops": dict(sorted(ops.items())),

@@ -178,7 +178,8 @@ def add_graph(manifest: dict, variant: str, graph: dict) -> None:
     manifest["files"][variant] = VARIANTS[variant]
     manifest["graphs"][variant] = {"cache": "shared" if fused else "concat",
                                    "cache_dtype": "float16" if fused and kind == "fp16" else "float32",
-                                   "nodes": graph["nodes"], "ops": graph["ops"], "files": {}}
+                                   "nodes": graph["nodes"], "ops": graph["ops"],
+                                   "logits_to_keep": graph["logits_to_keep"], "files": {}}
 
 
 @contextlib.contextmanager

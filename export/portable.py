@@ -119,12 +119,13 @@ class PortableBuilder(FusedBuilder):
         the table, as in the model); an untied one by its own (transposed) weight."""
         last = f"h.{self.config.num_layers}.x"
         self.make_layer_norm(last, "ln_f", "final")
+        final = self.make_logits_to_keep("final")
         if self.config.tie_embeddings:
             self.node("Transpose", ["token_embedding.weight"], ["lm_head.weight_t"], perm=[1, 0])
             head = "lm_head.weight_t"
         else:
             head = self.weight("lm_head.weight_t", self.state["lm_head.weight"].T)
-        self.node("MatMul", ["final", head], ["logits"])
+        self.node("MatMul", [final, head], ["logits"])
 
     def make_model(self):
         """Every piece in order, under the Optimum names, the cache's length named as a trace names it."""
@@ -150,7 +151,9 @@ class PortableBuilder(FusedBuilder):
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]
         inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "past_sequence", D])
                    for n in input_names(L)[3:]]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", c.vocab_size])]
+        inputs.append(self.logits_to_keep_input())
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                 ["batch", "kept_sequence", c.vocab_size])]
         outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, total, D])
                     for n in output_names(L)[1:]]
         graph = helper.make_graph(self.nodes, "gpt", inputs, outputs, self.inits)

@@ -27,6 +27,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     paths; a source with external data is quantized to a graph with external data (one file,
     NAME.onnx.data, as onnxruntime's quantizer names it)."""
     import onnx
+    import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -37,6 +38,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger().setLevel(logging.ERROR)
+            onnxruntime.set_default_logger_severity(3)  # its session warns that logits_to_keep is no constant
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=external,
                               all_tensors_to_one_file=True, external_data_location=onnxfile.data_file(pre).name)
             # DefaultTensorType: onnx's shape inference cannot type the outputs of com.microsoft ops (fused graph)
@@ -44,6 +46,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
                              op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     finally:
+        onnxruntime.set_default_logger_severity(2)  # onnxruntime's default: warnings
         pre.unlink(missing_ok=True)
         onnxfile.data_file(pre).unlink(missing_ok=True)
 

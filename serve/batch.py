@@ -223,7 +223,7 @@ class PaddedBatch(Batch):
                 ids[i, width - len(c):] = c
                 mask[i, width - len(c):] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        logits, present = self.model.run(ids, mask, positions, self.model.empty_cache(B))
+        logits, present = self.model.run(ids, mask, positions, self.model.empty_cache(B), last_only=True)
         return self.model.to_host(present), mask, logits[:, -1]
 
     @staticmethod
@@ -344,7 +344,7 @@ class SlotBatch(Batch):
             return np.zeros(self.model.vocab_size, np.float32)
         n = len(ids)
         logits, _ = self.model.run(np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None],
-                                   self.buffers.view(slot, 1))
+                                   self.buffers.view(slot, 1), last_only=True)
         return logits[0, -1]
 
     def add(self, sequences: list[Sequence]) -> None:

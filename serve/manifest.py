@@ -53,6 +53,13 @@ class DeviceError(RuntimeError):
     """The device asked for cannot run the model here (no onnxruntime-gpu, no CUDA libraries)."""
 
 
+# An input with a default (an initializer of the same name), as transformers' argument of that name:
+# the graph computes logits for the last N positions, every position when 0, its default. A prefill
+# asks for the last alone; whatever does not bind it (onnxruntime-genai, scoring) gets every position.
+# Not among input_names: onnxruntime lists it apart (InferenceSession.get_overridable_initializers).
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
 def input_names(num_layers: int) -> list[str]:
     """Graph inputs, named as Optimum and onnxruntime-genai name theirs."""
     names = ["input_ids", "attention_mask", "position_ids"]

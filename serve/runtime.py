@@ -26,7 +26,15 @@ import numpy as np
 from gpt.sampling import SamplingParams
 from serve.batch import Event, Sequence, make_batch, validate_request
 from serve.cache import CacheBuffers, CacheView
-from serve.manifest import DeviceError, ExportError, check_manifest, manifest_tokenizer, model_path, read_manifest
+from serve.manifest import (
+    LOGITS_TO_KEEP,
+    DeviceError,
+    ExportError,
+    check_manifest,
+    manifest_tokenizer,
+    model_path,
+    read_manifest,
+)
 
 
 def resident_bytes() -> int:
@@ -92,6 +100,10 @@ class OnnxModel:
         self.session = self._open_session(self.path, threads)
         self.load_seconds = time.perf_counter() - started
         self._check_graph()
+        # Graphs this exporter builds can compute the last position's logits alone (a prefill's need);
+        # traced ones compute every position's
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
+        self._keep = {n: _ort().OrtValue.ortvalue_from_numpy(np.array([n], np.int64)) for n in (0, 1)}
 
     def describe_load(self) -> str:
         """What was loaded, how long it took and the process's resident memory after it, in one line."""
@@ -108,6 +120,9 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # errors only: onnxruntime warns at every load that logits_to_keep, an input with a default, is
+        # no constant (it is meant not to be)
+        options.log_severity_level = 3
         # onnxruntime's CUDA provider uses TF32 for fp32 matmuls unless told not to: off by default,
         # so an fp32 model gives the logits (and the tokens) that the parity checks compare.
         cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if self.tf32 else "0"})
@@ -182,8 +197,9 @@ class OnnxModel:
         return self.to_device(np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers))
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: Any) -> tuple[np.ndarray, Any]:
-        """One forward: logits (B, T, V) on the host, and the cache on the device.
+            past: Any, last_only: bool = False) -> tuple[np.ndarray, Any]:
+        """One forward: logits (B, T, V) on the host, and the cache on the device. `last_only`: the
+        last position's logits alone, (B, 1, V), where the graph can (`keeps_logits`), else all.
 
         A concat graph returns a new, extended cache. A shared-cache graph writes the new keys and
         values into `past` (a CacheView) in place and returns it; its attention_mask is right-padded
@@ -192,8 +208,11 @@ class OnnxModel:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        last_only = last_only and self.keeps_logits
+        if self.keeps_logits:  # always bound: the binding may be a view's, reused by the next call
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, self._keep[int(last_only)])
         if self.shared_cache:  # the cache is bound already; the logits land in an array of ours
-            logits = np.empty((*input_ids.shape, self.vocab_size), np.float32)
+            logits = np.empty((len(input_ids), 1 if last_only else input_ids.shape[1], self.vocab_size), np.float32)
             binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             self.session.run_with_iobinding(binding)
             return logits, past

@@ -280,7 +280,8 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(export_dir, monkey
     fake = type("ort", (), {"get_available_providers": staticmethod(lambda: ["CUDAExecutionProvider",
                                                                              "CPUExecutionProvider"]),
                             "InferenceSession": FallenBack, "SessionOptions": onnxruntime.SessionOptions,
-                            "GraphOptimizationLevel": onnxruntime.GraphOptimizationLevel})
+                            "GraphOptimizationLevel": onnxruntime.GraphOptimizationLevel,
+                            "OrtValue": onnxruntime.OrtValue})
     monkeypatch.setattr(serve.runtime, "_ort", lambda: fake)
     with pytest.raises(DeviceError, match="fell back to the CPU.*libcudnn"):
         OnnxModel(export_dir, device="cuda")

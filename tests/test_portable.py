@@ -11,7 +11,8 @@ from export.pipeline import export
 from export.portable import build_portable
 from gpt.config import ModelConfig
 from gpt.model import GPT
-from serve.manifest import ExportError
+from serve.manifest import LOGITS_TO_KEEP, ExportError, read_manifest
+from serve.runtime import OnnxModel
 
 
 def _run(path, ids, mask, positions, cache) -> list[np.ndarray]:
@@ -72,6 +73,34 @@ def test_the_builder_and_the_dynamo_trace_write_the_same_function(tmp_path):
     assert max(float(np.abs(a - b).max()) for a, b in zip(built, traced)) < 1e-5
 
 
+def test_a_prefill_asks_for_the_last_logits_alone_and_the_rest_get_every_position(export_dir):
+    """logits_to_keep, an input with a default: N keeps the last N positions' logits, 0 (its default,
+    whatever does not bind it) every position. Every graph of the folder has it, quantized ones too, and
+    onnxruntime lists it apart from the inputs the manifest names (as onnxruntime-genai binds them)."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(export_dir)
+    ids = np.array([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    mask, positions = np.ones_like(ids), np.tile(np.arange(5), (2, 1))
+    for variant in manifest["files"]:
+        runtime = OnnxModel(export_dir, threads=1, variant=variant)
+        assert manifest["graphs"][variant]["logits_to_keep"] and runtime.keeps_logits, variant
+        assert LOGITS_TO_KEEP not in [i.name for i in runtime.session.get_inputs()]
+        full, _ = runtime.run(ids, mask, positions, runtime.empty_cache(2))
+        last, _ = runtime.run(ids, mask, positions, runtime.empty_cache(2), last_only=True)
+        again, _ = runtime.run(ids, mask, positions, runtime.empty_cache(2))  # a reused binding: all again
+        assert full.shape == again.shape == (2, 5, runtime.vocab_size) and last.shape == (2, 1, runtime.vocab_size)
+        # dynamic int8 quantizes the head's input per tensor: one row alone gets a scale of its own
+        tolerance = 5e-2 if variant.endswith("int8") else 1e-5
+        assert np.abs(last[:, 0] - full[:, -1]).max() <= tolerance * np.abs(full).max(), variant
+        assert np.array_equal(again, full), variant
+    session = ort.InferenceSession(str(export_dir / manifest["files"]["fp32"]), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    feeds |= {i.name: np.zeros([2, *i.shape[1:2], 0, *i.shape[3:]], np.float32) for i in session.get_inputs()[3:]}
+    two = session.run(["logits"], feeds | {LOGITS_TO_KEEP: np.array([2])})[0]
+    assert np.allclose(two, session.run(["logits"], feeds)[0][:, -2:], atol=1e-6)
+
+
 def test_a_changed_model_fails_the_gates_and_the_trace_follows_it(run_dir, tmp_path, monkeypatch):
     """The builder knows the model as it ships: a change to gpt/model.py (ReLU for GELU here) fails the
     parity gate in one line that names the fix, and the dynamo trace of the changed code passes."""
@@ -86,6 +115,7 @@ def test_a_changed_model_fails_the_gates_and_the_trace_follows_it(run_dir, tmp_p
     assert "\n" not in str(e.value) and not (tmp_path / "built").exists()
     manifest = export(run_dir, tmp_path / "traced", exporter="dynamo", log=lambda s: None)
     assert manifest["parity"]["fp32"]["passed"] and manifest["export_options"]["exporter"] == "dynamo"
+    assert not manifest["graphs"]["fp32"]["logits_to_keep"]  # a trace computes every position's; prefills take the last
 
 
 def test_the_builder_needs_opset_17_and_says_so_before_anything_runs(run_dir, tmp_path):
