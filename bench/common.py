@@ -78,6 +78,20 @@ def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, **o
     return folder / "seed"
 
 
+SETTLE_S = 0.2
+
+
+def settle() -> None:
+    """Wait for the engine measured last to go idle before the next is measured. Its threads spin on
+    after its last call (onnxruntime's intra-op workers for tens of milliseconds), holding a core: the
+    seed-size fused int4 graph measured right after another onnxruntime session decoded at a median of
+    907 tokens/s, and 1005 after 0.2 s (8 interleaved pairs). A user runs one engine, which never
+    follows another: each measurement should not either."""
+    import time
+
+    time.sleep(SETTLE_S)
+
+
 def machine() -> str:
     """The CPU (model, cores, the vector instructions that matter here) and the library versions."""
     name, flags = platform.processor() or platform.machine(), set()

@@ -5,8 +5,9 @@ graphs in fp32 and quantized, and onnxruntime-genai running the same export fold
     python bench/decode.py --threads 2 --new-tokens 200 --prompt 16
 
 Random weights (speed does not depend on them). Every engine runs in this process, in turn, for
-`--rounds` round-robin rounds (each row is its best, so drift hits all alike), with the same thread
-count, greedy, on the same prompt; tokens/s counts the decode steps after the first token; TTFT is
+`--rounds` round-robin rounds (each row is its best, so drift hits all alike), each once the one
+before has gone idle (bench.common.settle), with the same thread count, greedy, on the same
+prompt; tokens/s counts the decode steps after the first token; TTFT is
 the time to the first token after a prompt of 16 and of block_size tokens (the long prompt: the
 best of 3 in each round). onnxruntime-genai (when installed) runs the same model files through a
 genai_config.json with the same thread count; the script checks that it produces the same greedy
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, random_checkpoint  # noqa: E402
+from bench.common import add_shape_arguments, machine, random_checkpoint, settle  # noqa: E402
 from gpt.generate import generate, generate_uncached  # noqa: E402
 from gpt.sampling import SamplingParams  # noqa: E402
 
@@ -214,6 +215,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     best: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, stream in engines_list:
+            settle()  # the engine before has gone idle
             ttft, rate, _ = time_stream(stream(prompt, args.new_tokens))
             long_ttft = min(time_stream(stream(long_prompt, 1))[0] for _ in range(3))
             b = best.setdefault(name, [float("inf"), 0.0, float("inf"), []])

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, random_checkpoint  # noqa: E402
+from bench.common import add_shape_arguments, machine, random_checkpoint, settle  # noqa: E402
 
 
 def session(path: Path, threads: int, profile: bool):
@@ -183,6 +183,7 @@ def kernel_floor(export_dir: Path, manifest: dict, ckpt: Path, args) -> None:
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, measure_once in rows.items():
+            settle()  # the row before has gone idle
             best[name] = min(best.get(name, float("inf")), measure_once())
     print(f"the kernel floor: fused int4, one decode step after {args.context} cached tokens, "
           f"best of {args.rounds} interleaved rounds")
