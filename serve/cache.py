@@ -102,8 +102,8 @@ class StepBinding:
     than a bound (measured: the same outputs and time at any width). So a step binds nothing and
     allocates nothing, and the Python between two runs stays short: after a run has streamed the
     weights through the caches, every numpy call and every binding costs tens of microseconds. On
-    CUDA (not measured there) the mask is bound at its exact width each step, as the graph's trace
-    had it. This is the decode loop's fast path; the general `OnnxModel.run` binds whatever it is
+    CUDA, where the fixed width has not been measured, the mask is bound at its exact width each
+    step. This is the decode loop's fast path; the general `OnnxModel.run` binds whatever it is
     given."""
 
     def __init__(self, view: CacheView):
