@@ -212,15 +212,15 @@ def measure(args, threads: int, tmp: Path) -> None:
     for _, stream in engines_list:  # warm up
         list(stream(prompt, 5))
     bandwidth = copy_bandwidth()
-    best: dict[str, list[float]] = {}
+    best: dict[str, list] = {}
     for _ in range(args.rounds):
         for name, stream in engines_list:
             settle()  # the engine before has gone idle
             ttft, rate, _ = time_stream(stream(prompt, args.new_tokens))
             long_ttft = min(time_stream(stream(long_prompt, 1))[0] for _ in range(3))
-            b = best.setdefault(name, [float("inf"), 0.0, float("inf"), []])
-            best[name] = [min(b[0], ttft), max(b[1], rate), min(b[2], long_ttft), b[3] + [rate]]
-    rows = [(name, (b[0], b[1], 0), (b[2], 0, 0)) for name, b in best.items()]
+            b = best.setdefault(name, [float("inf"), float("inf"), []])  # TTFTs: the best; rates: each round's
+            best[name] = [min(b[0], ttft), min(b[1], long_ttft), b[2] + [rate]]
+    rows = [(name, (b[0], max(b[2]), 0), (b[1], 0, 0)) for name, b in best.items()]
 
     bound = bandwidth / weight_bytes
     print(f"machine: {machine()}; {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -241,7 +241,7 @@ def measure(args, threads: int, tmp: Path) -> None:
         note = same.get(name) if isinstance(same.get(name), str) else ""
         print(f"{name:32s} {rate:9.1f} {rate / base:8.2f}x {ttft * 1000:8.1f}ms {long_ttft * 1000:9.1f}ms  {note}")
         results[name] = {"tokens_per_s": rate, "ttft_ms": ttft * 1000, "ttft_long_ms": long_ttft * 1000,
-                         "rounds_tokens_per_s": best[name][3]}
+                         "rounds_tokens_per_s": best[name][2]}
     if genai_note:
         print(genai_note)
     if llamas:

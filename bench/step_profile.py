@@ -70,15 +70,20 @@ def bound_step(sess, config: dict, batch: int, context: int, shared: bool):
     return binding, keep
 
 
+def timed(call, steps: int, warmup: int = 1) -> float:
+    """Mean milliseconds of `call()` over `steps` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    return (time.perf_counter() - start) / steps * 1000
+
+
 def measure(path: Path, config: dict, batch: int, context: int, shared: bool, threads: int, steps: int) -> dict:
     sess = session(path, threads, profile=False)
     binding, keep = bound_step(sess, config, batch, context, shared)
-    for _ in range(10):
-        sess.run_with_iobinding(binding)
-    start = time.perf_counter()
-    for _ in range(steps):
-        sess.run_with_iobinding(binding)
-    step_ms = (time.perf_counter() - start) / steps * 1000
+    step_ms = timed(lambda: sess.run_with_iobinding(binding), steps, warmup=10)
 
     sess = session(path, threads, profile=True)
     binding, keep = bound_step(sess, config, batch, context, shared)
@@ -141,13 +146,6 @@ def kernel_floor(export_dir: Path, manifest: dict, ckpt: Path, args) -> None:
     path = export_dir / manifest["files"]["fused-int4"]
     graphs = kernel_graphs(path, export_dir)
     rng, steps = np.random.default_rng(0), max(args.steps, 200)  # fewer move with the machine's noise
-
-    def timed(call, steps):
-        call()
-        start = time.perf_counter()
-        for _ in range(steps):
-            call()
-        return (time.perf_counter() - start) / steps * 1000
 
     def kernels(graph):
         sess = session(graph, args.threads, profile=False)
