@@ -93,27 +93,29 @@ def settle() -> None:
 
 
 def machine() -> str:
-    """The CPU (model, cores, the vector instructions that matter here) and the library versions."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """The CPU (model, cores, the vector instructions that native kernels choose by, AMX included) and
+    the library versions."""
+    from bench.engines import isa_line
+
+    name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and name in ("", platform.machine()):
                     name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = []
-    for module in ("torch", "onnxruntime", "tokenizers"):
-        try:
-            versions.append(f"{module} {__import__(module).__version__}")
-        except ImportError:
+    for package in ("torch", "onnxruntime", "tokenizers", "llama-cpp-python"):  # not imported: llama.cpp loads
+        try:                                                                    # in a child first (bench.engines)
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
             continue
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{name}, {cores} cores ({', '.join(isa) or 'no AVX2'}); python {platform.python_version()}, "
+    return (f"{name}, {cores} cores (CPU flags: {isa_line()}); python {platform.python_version()}, "
             f"{', '.join(versions)}")
 
 

@@ -1,7 +1,10 @@
 """Evaluation in-process against evaluation over the HTTP API, on the same text in the same run.
 
-    python bench/evaluate.py --export-dir exports/shakespeare_char_cpu --text ../shared/data/tinyshakespeare/input.txt
+    python bench/evaluate.py --export-dir exports/shakespeare_char_cpu   # the first 200 KB of TinyShakespeare
+    python bench/evaluate.py --export-dir EXPORT --text FILE            # your own text
     python bench/evaluate.py                      # a seed-size export with random weights, 200 KB of text
+
+TinyShakespeare is found as training finds it ($GPT_DATA_DIR, the cache, the checked download).
 
 serve.evaluate scores the text with the fp32 model in rolling windows. The API run starts
 `python -m serve.server` on loopback and sends the same windows as lm-evaluation-harness's

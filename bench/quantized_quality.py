@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import machine  # noqa: E402
+from bench.engines import EngineCrash, in_child  # noqa: E402
 
 
 def llama_loss(path: Path, windows: np.ndarray, threads: int) -> float:
@@ -62,8 +63,16 @@ def main() -> None:
             raise SystemExit(f"no held-out text: {why}")
         ours = {v: validation_loss(OnnxModel(tmp / "onnx", threads=args.threads, variant=v), windows)
                 for v in ("fused", "fused-int4")}
-        theirs = {t: llama_loss(tmp / "gguf" / f"model.{t}.gguf", windows, args.threads)
-                  for t in ("f32", "q8_0", "q4_0")}
+        theirs = {}
+        for t in ("f32", "q8_0", "q4_0"):  # each type in a child first: a crash is a line, not the run
+            path = tmp / "gguf" / f"model.{t}.gguf"
+            try:
+                in_child("llama.cpp", f"running {path.name}", "bench.engines:llama_probe",
+                         {"path": str(path), "n_ctx": windows.shape[1], "threads": args.threads,
+                          "prompt": windows.shape[1] - 1, "steps": 0})
+            except EngineCrash as crash:
+                raise SystemExit(f"no llama.cpp figures: {crash}") from None
+            theirs[t] = llama_loss(path, windows, args.threads)
     print(f"{checkpoint}: {len(windows)} windows of {windows.shape[1] - 1} held-out tokens")
     block = manifest["quality"]["fused-int4"]["block_size"]
     print(f"ours (onnxruntime):  fp32 {ours['fused']:.4f}   int4 (MatMulNBits, block {block}) "

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import add_shape_arguments, machine, random_checkpoint, settle  # noqa: E402
+from bench.engines import EngineCrash, in_child  # noqa: E402
 
 
 def session(path: Path, threads: int, profile: bool):
@@ -166,6 +167,9 @@ def kernel_floor(export_dir: Path, manifest: dict, ckpt: Path, args) -> None:
         from export.gguf import export_gguf
 
         export_gguf(ckpt, export_dir / "gguf", types=["q4_0"], log=lambda s: None)
+        in_child("llama.cpp", "running model.q4_0.gguf", "bench.engines:llama_probe",  # a crash is a line
+                 {"path": str(export_dir / "gguf" / "model.q4_0.gguf"), "n_ctx": config["block_size"],
+                  "threads": args.threads, "prompt": args.context})
         llm = llama_cpp.Llama(model_path=str(export_dir / "gguf" / "model.q4_0.gguf"), n_ctx=config["block_size"],
                               n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
         n = min(steps, config["block_size"] - args.context - 1)
@@ -178,6 +182,8 @@ def kernel_floor(export_dir: Path, manifest: dict, ckpt: Path, args) -> None:
         rows["llama.cpp q4_0, a whole step"] = llama_steps
     except ImportError:
         print("llama-cpp-python not installed: its row is skipped")
+    except EngineCrash as crash:
+        print(f"llama.cpp q4_0: not measured: {crash}")
     best: dict[str, float] = {}
     for _ in range(args.rounds):
         for name, measure_once in rows.items():

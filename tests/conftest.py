@@ -1,4 +1,4 @@
-"""Shared test setup: one torch thread, the shared TinyShakespeare copy, a fresh token cache."""
+"""Shared test setup: one torch thread, TinyShakespeare found as a user's run finds it, a fresh token cache."""
 
 from __future__ import annotations
 
@@ -14,11 +14,35 @@ sys.path.insert(0, str(ROOT))
 # One thread per process: tests run beside each other and beside subprocesses on 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-# Use the shared corpus when it is there (CI and developer machines); else the loader's own
-# resolution applies (the user cache, or a download on a machine with internet).
-_shared = ROOT.parent / "shared" / "data"
-if "GPT_DATA_DIR" not in os.environ and (_shared / "tinyshakespeare" / "input.txt").is_file():
-    os.environ["GPT_DATA_DIR"] = str(_shared)
+
+
+def _find_corpus() -> tuple[Path | None, str]:
+    """TinyShakespeare as a user's run finds it (gpt.datasets.resolve_corpus: $GPT_DATA_DIR's copy, the
+    user's cache, else the checked download into that cache), found once before the tests get a token
+    cache of their own; then GPT_DATA_DIR names its folder, so every test and child process reads
+    that copy and none downloads it again. (None, the loader's message) if it cannot be had (offline
+    with no copy): the tests that read it fail with that message, which says where to put the file."""
+    from gpt.config import DataConfig
+    from gpt.datasets import DataError, resolve_corpus
+
+    try:
+        path = resolve_corpus(DataConfig())
+    except DataError as e:
+        return None, str(e)
+    os.environ["GPT_DATA_DIR"] = str(path.parent.parent)  # DATA_DIR/tinyshakespeare/input.txt
+    return path, ""
+
+
+CORPUS, _CORPUS_ERROR = _find_corpus()
+
+
+def shakespeare() -> str:
+    """TinyShakespeare's text, from the copy the loader found (see _find_corpus)."""
+    if CORPUS is None:
+        from gpt.datasets import DataError
+
+        raise DataError(_CORPUS_ERROR)
+    return CORPUS.read_text(encoding="utf-8")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

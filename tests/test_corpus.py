@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 
 import gpt.corpus
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, shakespeare, subprocess_env
 from gpt.config import ConfigError, DataConfig, load_run_config
 from gpt.corpus import ShardedTokens, safe_pieces
 from gpt.data import DataError, bits_per_byte, prepare
 from gpt.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
-SHAKESPEARE = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
-
 
 @pytest.fixture(scope="module")
 def text():
-    return SHAKESPEARE.read_text()
+    return shakespeare()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, shakespeare, subprocess_env
 from gpt.checkpoint import load_checkpoint
 from gpt.sampling import SamplingParams, log_softmax, penalize
 from serve.evaluate import evaluate, scored_text
@@ -20,7 +20,7 @@ from serve.runtime import OnnxModel, generate
 from serve.scoring import Scorer
 from test_server import complete, start_server
 
-TEXT = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:3000]
+TEXT = shakespeare()[:3000]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import shakespeare
 from gpt.config import DataConfig
 from gpt.corpus import documents, find_files
 from gpt.data import DataError, prepare
@@ -16,7 +16,7 @@ pa = pytest.importorskip("pyarrow", reason="pip install -e '.[corpora]'")
 pq = pytest.importorskip("pyarrow.parquet")
 zstandard = pytest.importorskip("zstandard", reason="pip install -e '.[corpora]'")
 
-TEXT = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+TEXT = shakespeare()
 DOCS = [p for p in TEXT[:40_000].split("\n\n") if p] + ["naïve café — 東京 ✓"]
 
 

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import CORPUS, ROOT, TINY, subprocess_env
 from gpt.checkpoint import load_checkpoint
-from gpt.config import ModelConfig
+from gpt.config import DataConfig, ModelConfig
+from gpt.datasets import resolve_corpus
 from gpt.generate import generate as torch_generate
 from gpt.generate import generate_uncached
 from gpt.model import GPT
@@ -337,12 +338,7 @@ def test_the_bpe_cpu_config_trains_in_bf16_on_cuda(tmp_path, fresh_accelerate):
 def test_gpt2_small_for_a_few_hundred_steps_reports_speed_and_mfu(tmp_path, fresh_accelerate):
     """GPT-2 small's shape on local text (TinyShakespeare with a learned 8,192-token BPE), 200 steps."""
     torch.cuda.reset_peak_memory_stats()
-    corpus = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    if not corpus.is_file():
-        from gpt.config import DataConfig
-        from gpt.data import resolve_corpus
-
-        corpus = resolve_corpus(DataConfig())
+    corpus = CORPUS or resolve_corpus(DataConfig())
     started = time.perf_counter()
     result = train(tmp_path, f"--data.path={corpus}", "--data.vocab_size=8192", "--train.max_iters=200",
                    "--train.gradient_accumulation_steps=1", "--train.batch_size=16", "--train.warmup_iters=20",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BPE, ROOT, TINY, free_port, subprocess_env
+from conftest import BPE, ROOT, TINY, free_port, shakespeare, subprocess_env
 from gpt.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt.config import ConfigError
 from launch import TrainingError
@@ -240,7 +240,7 @@ def test_a_second_run_on_the_same_out_dir_fails_at_once_naming_the_first(tmp_pat
 
 
 def test_resume_refuses_a_changed_corpus_or_vocabulary(tmp_path, fresh_accelerate):
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    text = shakespeare()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text[:200_000])
     out = tmp_path / "run"
