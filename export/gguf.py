@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.destination import GGUF_FORMAT, GGUF_REPORT, check_destination, publish
+from export.destination import GGUF_FORMAT, GGUF_REPORT, check_architecture, check_destination, publish
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.files import staging
 from gpt.tokenizer import CharTokenizer, char_as_byte_level
@@ -139,6 +139,7 @@ def export_gguf(source: str | Path, export_dir: str | Path, *, types: list[str],
     export_dir = Path(export_dir)
     which = checkpoint
     folder = resolve_checkpoint(source, which)
+    check_architecture(folder, "gguf")
     check_destination(export_dir, folder, force, kind="gguf")
     model, tokenizer, meta = load_checkpoint(folder)
     model.float().eval()

@@ -17,9 +17,10 @@ from serve.manifest import ExportError
 
 def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False, checkpoint: str = "best",
               log: Callable[[str], None] = print) -> dict:
-    """Write a checkpoint as a transformers GPT2LMHeadModel folder, checked against transformers when it
-    is installed (logits within 1e-5 relative, 100 greedy tokens identical, no missing or unexpected keys)."""
-    from gpt.hf import HFError, export_gpt2, parity_with_transformers
+    """Write a checkpoint as a transformers GPT2LMHeadModel (or LlamaForCausalLM) folder, checked against
+    transformers when it is installed (logits within 1e-5 relative, 100 greedy tokens identical, no missing
+    or unexpected keys)."""
+    from gpt.hf import HFError, export_hf_folder, parity_with_transformers
 
     export_dir = Path(export_dir)
     which = checkpoint
@@ -28,7 +29,7 @@ def export_hf(source: str | Path, export_dir: str | Path, *, force: bool = False
     model, tokenizer, meta = load_checkpoint(checkpoint)
     with staging(export_dir) as tmp:
         try:
-            export_gpt2(model, tokenizer, tmp)
+            export_hf_folder(model, tokenizer, tmp)
         except HFError as e:
             raise ExportError(str(e)) from None
         parity = parity_with_transformers(model, tmp)

@@ -26,42 +26,90 @@ class ConfigError(ValueError):
     """A configuration that cannot be run. The message names each bad key and how to fix it."""
 
 
+ARCHS = ("gpt2", "llama")
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the transformer. `vocab_size` is not set by hand: it comes from the tokenizer."""
+    """Shape of the transformer. `vocab_size` is not set by hand: it comes from the tokenizer.
 
+    `arch` picks the family: gpt2 (the tutorial's: learned positions, LayerNorm, GELU, biases) or
+    llama (rotary positions, RMSNorm, a SwiGLU MLP, grouped-query attention, no biases)."""
+
+    arch: str = "gpt2"  # gpt2 | llama
     block_size: int = 256  # longest context the model attends over (positions 0..block_size-1)
     embedding_dim: int = 512  # width of the residual stream, C
     num_heads: int = 8  # attention heads; each has head_dim = embedding_dim // num_heads
     num_layers: int = 8  # transformer blocks
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers
+    bias: bool | None = None  # biases in Linear and LayerNorm layers; default: gpt2 yes, llama no
     vocab_size: int = 0  # filled in from the tokenizer
     tie_embeddings: bool = False  # the LM head reuses the token embedding matrix (as GPT-2 does)
-    init_from: str | None = None  # hf:PATH_OR_NAME: start from a transformers GPT-2 (its shape replaces the above)
+    init_from: str | None = None  # hf:PATH_OR_NAME: start from a transformers GPT-2 or Llama (its shape replaces these)
+    # llama only:
+    num_kv_heads: int | None = None  # heads of keys and values (grouped-query attention); default num_heads, 1 = MQA
+    intermediate_size: int | None = None  # SwiGLU's hidden width; default 8C/3 rounded up to a multiple of 64
+    rope_theta: float = 10000.0  # base of the rotary embedding's frequencies
+    norm_eps: float = 1e-5  # epsilon of RMSNorm (llama) and LayerNorm (gpt2: GPT-2's 1e-5)
+
+    def __post_init__(self):
+        if self.bias is None:  # the family's own default
+            self.bias = self.arch != "llama"
 
     def problems(self) -> list[str]:
         out = []
+        if self.arch not in ARCHS:
+            out.append(f"model.arch={self.arch!r} must be one of {', '.join(ARCHS)}")
         if self.init_from is not None and not (self.init_from.startswith("hf:") and len(self.init_from) > 3):
-            out.append(f"model.init_from={self.init_from!r} must be hf:PATH (a transformers GPT-2 folder) or hf:NAME "
-                       "(a Hub model, e.g. hf:gpt2)")
+            out.append(f"model.init_from={self.init_from!r} must be hf:PATH (a transformers GPT-2 or Llama folder) or "
+                       "hf:NAME (a Hub model, e.g. hf:gpt2)")
         for name in ("block_size", "embedding_dim", "num_heads", "num_layers"):
             if getattr(self, name) < 1:
                 out.append(f"model.{name}={getattr(self, name)} must be >= 1")
         if self.num_heads >= 1 and self.embedding_dim % self.num_heads:
-            out.append(
-                f"model.embedding_dim={self.embedding_dim} is not divisible by "
-                f"model.num_heads={self.num_heads}: pick an embedding_dim that is a multiple of num_heads"
-            )
+            out.append(f"model.embedding_dim={self.embedding_dim} is not divisible by model.num_heads="
+                       f"{self.num_heads}: pick an embedding_dim that is a multiple of num_heads")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.vocab_size < 0 or self.vocab_size > 1 << 20:
             out.append(f"model.vocab_size={self.vocab_size} must be in [1, 1048576]")
-        return out
+        if self.norm_eps <= 0:
+            out.append(f"model.norm_eps={self.norm_eps} must be > 0, e.g. 1e-5")
+        return out + (self._llama_problems() if self.arch == "llama" else self._gpt2_problems())
+
+    def _llama_problems(self) -> list[str]:
+        out, kv = [], self.kv_heads
+        if kv < 1 or (self.num_heads >= 1 and self.num_heads % kv):
+            out.append(f"model.num_kv_heads={kv} must divide model.num_heads={self.num_heads} (each key/value head "
+                       "serves num_heads / num_kv_heads query heads; 1 = multi-query)")
+        if self.num_heads >= 1 and self.embedding_dim % self.num_heads == 0 and self.head_dim % 2:
+            out.append(f"model.embedding_dim / model.num_heads = {self.head_dim} is odd: rotary embeddings turn pairs "
+                       "of a head's dimensions, so pick an even head_dim")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            out.append(f"model.intermediate_size={self.intermediate_size} must be >= 1 (or null for 8C/3)")
+        return out + ([f"model.rope_theta={self.rope_theta} must be > 0, e.g. 10000"] if self.rope_theta <= 0 else [])
+
+    def _gpt2_problems(self) -> list[str]:
+        return [f"model.{name} ({what}) is llama's: set model.arch=llama, or remove it" for name, what in (
+            ("num_kv_heads", "grouped-query attention"), ("intermediate_size", "SwiGLU's width"))
+            if getattr(self, name) is not None]
 
     @property
     def head_dim(self) -> int:
         return self.embedding_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of keys and values: num_heads (gpt2, and llama by default) or fewer (grouped-query)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        """The MLP's hidden width: gpt2 4C; llama intermediate_size, by default 8C/3 rounded up to a
+        multiple of 64 (three matrices of C x 8C/3 hold as many weights as gpt2's two of C x 4C)."""
+        if self.arch != "llama":
+            return 4 * self.embedding_dim
+        return self.intermediate_size or -(-8 * self.embedding_dim // 3 // 64) * 64
 
 
 @dataclass
@@ -102,7 +150,6 @@ class DataConfig:
         if not isinstance(self.text_field, str) or not self.text_field:
             out.append(f"data.text_field={self.text_field!r} must name the key or column that holds the text")
         return out
-
 
 
 OPTIMIZERS = ("adamw", "muon")

@@ -3,8 +3,18 @@
     tokens ─► token embedding + position embedding ─► N × Block ─► LayerNorm ─► LM head ─► logits
     Block:  x = x + SelfAttention(LayerNorm(x));  x = x + FeedForward(LayerNorm(x))
 
+That is the tutorial's model, GPT-2's architecture (`arch: gpt2`). The Llama family (`arch: llama`:
+SmolLM2, TinyLlama) changes four parts, each a small class below, and keeps the rest:
+- no position embedding: rotary embeddings turn each query and key by angles set by its position
+  (`Rotary`), so attention scores depend on how far apart two tokens are;
+- RMSNorm instead of LayerNorm: scale by the root mean square, no mean, no bias (`RMSNorm`);
+- a gated MLP: silu(gate(x)) * up(x), projected down (`GatedFeedForward`, SwiGLU);
+- grouped-query attention: fewer key/value heads than query heads, each shared by a group of
+  queries, so the KV cache is num_heads / num_kv_heads times smaller.
+
 Shapes in comments use B = batch, T = new tokens in this call, P = tokens already in the KV cache,
-C = embedding_dim, H = num_heads, D = head_dim = C / H, V = vocab_size.
+C = embedding_dim, H = num_heads, K = num_kv_heads (H for gpt2), D = head_dim = C / H, V = vocab_size,
+F = the MLP's hidden width.
 
 One `forward` serves training (whole sequences, causal mask) and generation (a few new tokens
 against a cache of keys and values from earlier calls). With a cache, the mask is built from
@@ -23,7 +33,7 @@ import torch.nn.functional as F
 
 from gpt.config import ModelConfig
 
-# The KV cache: one (key, value) pair per layer, each (B, H, P, D).
+# The KV cache: one (key, value) pair per layer, each (B, K, P, D).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -33,6 +43,56 @@ class GPTOutput(NamedTuple):
     present: KVCache | None  # the cache extended by this call's keys and values, when use_cache
 
 
+class RMSNorm(nn.Module):
+    """Llama's normalization: x / sqrt(mean(x²) + eps) * gain. Unlike LayerNorm it neither subtracts
+    the mean nor adds a bias: cheaper, and as good in practice."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32 as transformers does, so bf16 training normalizes as the fp32 reference does
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight  # (B, T, C)
+
+
+def norm(config: ModelConfig) -> nn.Module:
+    """The family's normalization layer: LayerNorm (gpt2) or RMSNorm (llama)."""
+    if config.arch == "llama":
+        return RMSNorm(config.embedding_dim, config.norm_eps)
+    return nn.LayerNorm(config.embedding_dim, eps=config.norm_eps, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE): the cos and sin of each position's angles, made once per
+    forward and shared by every layer.
+
+    Dimension pair (d, d + D/2) of a query or key at position p turns by the angle p * theta^(-2d/D):
+    fast-turning pairs tell near positions apart, slow ones far ones. A turned query and key have the
+    dot product of the unturned pair at the angle between their positions: attention sees offsets.
+    (Pairs are (d, d + D/2), "rotate half", as transformers' Llama has them.)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim, self.theta = config.head_dim, config.rope_theta  # no weights, and no buffer to load
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D = self.head_dim
+        exponents = torch.arange(0, D, 2, dtype=torch.float32, device=position_ids.device) / D
+        inv_freq = 1.0 / (self.theta ** exponents)  # (D/2,): pair d turns theta^(-2d/D) radians per position
+        angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): pair (d, d + D/2) shares an angle
+        return angles.cos()[:, None], angles.sin()[:, None]  # 2 × (B, 1, T, D), broadcast over heads
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair (x1, x2) = (x[d], x[d + D/2]) by its angle: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 × (B, heads, T, D/2)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)  # (B, heads, T, D)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: every token mixes in the values of the tokens before it.
 
@@ -40,34 +100,46 @@ class CausalSelfAttention(nn.Module):
     heads), scores each query against each key as q·k / sqrt(D), masks the future, softmaxes the
     scores into weights and takes the weighted sum of values. The heads' outputs are concatenated
     and projected back to C.
+
+    Grouped-query attention (llama, num_kv_heads = K < H): there are K key and value heads, each
+    shared by H / K query heads. Only K heads are computed and cached; they are repeated for the
+    score. With rotary embeddings (`rope`), queries and keys are turned by their positions first.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(config.embedding_dim, 3 * config.embedding_dim, bias=config.bias)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        qkv_dim = (config.num_heads + 2 * config.kv_heads) * config.head_dim  # 3C without grouping
+        self.qkv = nn.Linear(config.embedding_dim, qkv_dim, bias=config.bias)
         self.proj = nn.Linear(config.embedding_dim, config.embedding_dim, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=2)  # (B, T, C), 2 × (B, T, K·D)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:  # llama: turn queries and keys by their positions
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, H, P+T, D)
-            v = torch.cat([past[1], v], dim=2)  # (B, H, P+T, D)
+            k = torch.cat([past[0], k], dim=2)  # (B, K, P+T, D)
+            v = torch.cat([past[1], v], dim=2)  # (B, K, P+T, D)
+        present = (k, v)  # the cache keeps K heads
+        if K < H:  # each key/value head serves H / K query heads
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # 2 × (B, H, P+T, D)
         dropout = self.dropout if self.training else 0.0
         if mask is None:  # training: queries and keys are the same positions, the fast causal kernel is right
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.proj(y)), (k, v)
+        return self.resid_dropout(self.proj(y)), present
 
 
 class FeedForward(nn.Module):
@@ -84,25 +156,41 @@ class FeedForward(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
-class Block(nn.Module):
-    """One transformer block: pre-LayerNorm attention and feed-forward, each added to the residual."""
+class GatedFeedForward(nn.Module):
+    """Llama's MLP (SwiGLU): a SiLU-activated gate multiplies a second projection, then down to C.
+    The gate lets each hidden unit switch its own signal on and off."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.embedding_dim, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.embedding_dim, bias=config.bias)
-        self.mlp = FeedForward(config)
+        F_ = config.mlp_dim
+        self.gate = nn.Linear(config.embedding_dim, F_, bias=config.bias)
+        self.up = nn.Linear(config.embedding_dim, F_, bias=config.bias)
+        self.proj = nn.Linear(F_, config.embedding_dim, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, past):
-        a, present = self.attn(self.ln_1(x), mask, past)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C) -> 2 × (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer block: pre-norm attention and feed-forward, each added to the residual."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = norm(config)
+        self.mlp = GatedFeedForward(config) if config.arch == "llama" else FeedForward(config)
+
+    def forward(self, x, mask, past, rope=None):
+        a, present = self.attn(self.ln_1(x), mask, past, rope)
         x = x + a  # residual: attention adds to the stream rather than replacing it
         x = x + self.mlp(self.ln_2(x))
         return x, present
 
 
 class GPT(nn.Module):
-    """The whole model: embeddings, a stack of blocks, a final LayerNorm and the LM head."""
+    """The whole model: embeddings, a stack of blocks, a final norm and the LM head."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -110,10 +198,13 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size is unset: take it from the tokenizer")
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        self.position_embedding = nn.Embedding(config.block_size, config.embedding_dim)
+        if config.arch == "llama":  # positions enter attention as rotations, not as a table
+            self.rotary = Rotary(config)
+        else:
+            self.position_embedding = nn.Embedding(config.block_size, config.embedding_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.embedding_dim, bias=config.bias)
+        self.ln_f = norm(config)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         if config.tie_embeddings:  # one matrix reads tokens in and writes logits out (GPT-2, weight tying)
@@ -171,12 +262,10 @@ class GPT(nn.Module):
             visible = attention_mask_from_positions(key_index[:, P:], key_index, attention_mask)  # (B, 1, T, P+T)
             mask = additive_mask(visible, self.token_embedding.weight.dtype)
 
-        tok = self.token_embedding(input_ids)  # (B, T, C): what each token is
-        pos = self.position_embedding(position_ids)  # (B, T, C): where each token is
-        x = self.dropout(tok + pos)  # (B, T, C)
+        x, rope = self.embed(input_ids, position_ids)  # (B, T, C), the rotary angles (llama) or None
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, mask, None if past is None else past[i])  # (B, T, C)
+            x, kv = block(x, mask, None if past is None else past[i], rope)  # (B, T, C)
             present.append(kv)
         x = self.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
@@ -188,12 +277,25 @@ class GPT(nn.Module):
             use_cache = past is not None
         return GPTOutput(logits, loss, present if use_cache else None)
 
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        """What each token is, and where: gpt2 adds a learned position vector to the token's; llama
+        leaves the token alone and returns each position's rotary angles for every layer's q and k."""
+        x = self.token_embedding(input_ids)  # (B, T, C): what each token is
+        rope = None
+        if self.config.arch == "llama":
+            rope = self.rotary(position_ids)  # 2 × (B, 1, T, D)
+        else:
+            x = x + self.position_embedding(position_ids)  # (B, T, C): where each token is
+        return self.dropout(x), rope
+
     # --- bookkeeping -------------------------------------------------------------------------
 
     def num_parameters(self, exclude_positions: bool = True) -> int:
         """Parameter count; by default without the position embedding (as nanoGPT and the MFU formula)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.position_embedding.weight.numel() if exclude_positions else n
+        if exclude_positions and self.config.arch != "llama":
+            n -= self.position_embedding.weight.numel()
+        return n
 
     def flops_per_token(self, context: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·D·T."""
@@ -202,7 +304,7 @@ class GPT(nn.Module):
         return 6 * self.num_parameters() + 12 * c.num_layers * c.num_heads * c.head_dim * T
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Decay matrices (Linear and embedding weights), not biases or LayerNorm gains."""
+        """Decay matrices (Linear and embedding weights), not biases or norm gains."""
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -23,17 +23,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, CausalSelfAttention
+from gpt.model import GPT, CausalSelfAttention, rotate
 
 
-def head_by_hand(attn: CausalSelfAttention, x: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One head of `attn` on x (B, T, C), step by step: (weights (B, T, T), output (B, T, D))."""
+def head_by_hand(attn: CausalSelfAttention, x: torch.Tensor, head: int,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One head of `attn` on x (B, T, C), step by step: (weights (B, T, T), output (B, T, D)). With
+    grouped-query attention the head reads the key and value of its group; with `rope` (llama, the
+    model's Rotary for positions 0..T-1), its query and key are turned by their positions first."""
     B, T, C = x.shape
-    D = attn.head_dim
-    q, k, v = attn.qkv(x).split(C, dim=2)  # (B, T, C) each, all heads side by side
+    H, K, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = attn.qkv(x).split([H * D, K * D, K * D], dim=2)  # all heads side by side
+    group = head // (H // K)  # the key/value head this query head shares (itself without grouping)
     q = q[..., head * D:(head + 1) * D]  # (B, T, D): this head's query for each token
-    k = k[..., head * D:(head + 1) * D]  # (B, T, D): its key
-    v = v[..., head * D:(head + 1) * D]  # (B, T, D): its value
+    k = k[..., group * D:(group + 1) * D]  # (B, T, D): its key
+    v = v[..., group * D:(group + 1) * D]  # (B, T, D): its value
+    if rope is not None:
+        cos, sin = (r[:, 0] for r in rope)  # (B, T, D)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     scores = q @ k.transpose(1, 2) / math.sqrt(D)  # (B, T, T): how well each query matches each key
     future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
     scores = scores.masked_fill(future, float("-inf"))  # a token may not look ahead
@@ -45,13 +52,17 @@ def head_by_hand(attn: CausalSelfAttention, x: torch.Tensor, head: int) -> tuple
 def attention_weights(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """Attention weights of every layer and head for ids (1, T): (L, H, T, T)."""
     model.eval()
-    T = ids.shape[1]
-    x = model.token_embedding(ids) + model.position_embedding(torch.arange(T, device=ids.device))
+    positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, T)
+    x, rope = model.token_embedding(ids), None
+    if model.config.arch == "llama":
+        rope = model.rotary(positions)
+    else:
+        x = x + model.position_embedding(positions)
     layers = []
     for block in model.blocks:
         h = block.ln_1(x)
-        layers.append(torch.stack([head_by_hand(block.attn, h, i)[0][0] for i in range(block.attn.num_heads)]))
-        x, _ = block(x, None, None)
+        layers.append(torch.stack([head_by_hand(block.attn, h, i, rope)[0][0] for i in range(block.attn.num_heads)]))
+        x, _ = block(x, None, None, rope)
     return torch.stack(layers)
 
 
@@ -101,6 +112,9 @@ def plot_attention(weights: torch.Tensor, text: str | list[str], out: str | Path
 
 def position_similarity(model: GPT) -> torch.Tensor:
     """Cosine similarity between every two learned position embeddings: (block_size, block_size)."""
+    if model.config.arch == "llama":
+        raise ValueError("a llama model has no position embeddings (positions turn queries and keys: rotary); "
+                         "draw its attention maps, without --positions-out")
     with torch.no_grad():
         p = F.normalize(model.position_embedding.weight.float(), dim=-1)
         return (p @ p.T).cpu()

@@ -91,7 +91,8 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
 
 def take_shape_from_hf(config: RunConfig) -> RunConfig:
     """model.init_from=hf:...: the model's shape and the tokenizer come from the transformers folder;
-    the run config keeps its dropout and everything else."""
+    the run config keeps its dropout and everything else (and, for a Llama, its block_size: the
+    context it trains on, up to the folder's max_position_embeddings)."""
     from gpt.hf import HFError, read_config, read_tokenizer, resolve_folder, weights_path
 
     try:
@@ -106,7 +107,14 @@ def take_shape_from_hf(config: RunConfig) -> RunConfig:
     if d.tokenizer_file not in (None, tokenizer_file):
         raise ConfigError(f"data.tokenizer_file={d.tokenizer_file} differs from the imported model's "
                           f"{tokenizer_file}: drop it, the model brings its own")
-    model = dataclasses.replace(shape, vocab_size=0, dropout=config.model.dropout, init_from=config.model.init_from)
+    block = shape.block_size
+    if shape.arch == "llama":  # rotary positions have no table: train on the run's context, up to the model's
+        if config.model.block_size > shape.block_size:
+            raise ConfigError(f"model.block_size={config.model.block_size} exceeds the imported model's "
+                              f"max_position_embeddings={shape.block_size}: lower it")
+        block = config.model.block_size
+    model = dataclasses.replace(shape, vocab_size=0, dropout=config.model.dropout, init_from=config.model.init_from,
+                                block_size=block)
     data = dataclasses.replace(d, tokenizer="bpe", tokenizer_file=tokenizer_file)
     return dataclasses.replace(config, model=model, data=data)
 
@@ -202,10 +210,10 @@ def build_model(config: RunConfig, model_config, start_from: Path | None, accele
     set_seed(config.train.seed)
     if not (config.model.init_from and start_from is None):
         return GPT(model_config), None
-    from gpt.hf import import_gpt2, parity_with_transformers, resolve_folder
+    from gpt.hf import import_hf, parity_with_transformers, resolve_folder
 
     folder = resolve_folder(config.model.init_from)
-    model = import_gpt2(folder, model_config)
+    model = import_hf(folder, model_config)
     parity = parity_with_transformers(model, folder) if accelerator.is_main_process else {"checked": False}
     model.train()
     return model, {"from": str(folder), "parity": parity}

@@ -142,11 +142,11 @@ def test_weights_are_readable_as_any_new_file_is(run_dir, tmp_path):
     from pathlib import Path
 
     from gpt.checkpoint import load_checkpoint
-    from gpt.hf import export_gpt2
+    from gpt.hf import export_hf_folder
 
     model, tokenizer, meta = load_checkpoint(run_dir)
     for folder in (Path(meta["path"]), tmp_path / "hf"):
         if folder.name == "hf":
-            export_gpt2(model, tokenizer, folder)
+            export_hf_folder(model, tokenizer, folder)
         mode = (folder / "model.safetensors").stat().st_mode
         assert mode == (folder / "config.json").stat().st_mode and mode & 0o044 == 0o044, (folder, oct(mode))

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import ROOT, TINY, shakespeare, subprocess_env
 from export.hf import export_hf
 from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError
-from gpt.hf import import_gpt2, parity_with_transformers, read_config
+from gpt.hf import import_hf, parity_with_transformers, read_config
 from gpt.tokenizer import BPETokenizer
 from launch.train import main, setup
 
@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A 2-layer, 32-wide GPT-2 with a 300-token byte-level BPE, as save_pretrained writes it."""
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    text = shakespeare()
     tokenizer = BPETokenizer.train([text[:200_000]], 300)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=tokenizer.vocab_size,
                                      bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
@@ -35,7 +35,7 @@ def hf_folder(tmp_path_factory):
 
 
 def test_import_matches_transformers_logits_and_greedy_tokens(hf_folder):
-    model = import_gpt2(hf_folder)
+    model = import_hf(hf_folder)
     c = model.config
     assert (c.num_layers, c.embedding_dim, c.num_heads, c.block_size, c.vocab_size) == (2, 32, 4, 128, 300)
     assert c.tie_embeddings and model.lm_head.weight is model.token_embedding.weight
@@ -57,7 +57,7 @@ def test_fine_tune_export_back_and_to_onnx(hf_folder, tmp_path, fresh_accelerate
     assert report["init_from"]["parity"]["passed"] and report["init_from"]["parity"]["greedy_identical"]
     model, tokenizer, _ = load_checkpoint(run_dir)
     assert model.config.tie_embeddings and tokenizer.vocab_size == 300
-    before = import_gpt2(hf_folder)
+    before = import_hf(hf_folder)
     assert not torch.equal(model.token_embedding.weight, before.token_embedding.weight)  # it trained
     for (name, a), (_, b) in zip(result.model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
@@ -100,7 +100,7 @@ def edit_config(key, value):
 
 
 @pytest.mark.parametrize("name, change, message", [
-    ("llama", edit_config("model_type", "llama"), "model_type 'llama'; only 'gpt2'"),
+    ("qwen2", edit_config("model_type", "qwen2"), r"model_type 'qwen2'; only 'gpt2' \(GPT2LMHeadModel\) and 'llama'"),
     ("other activation", edit_config("activation_function", "relu"), "activation_function='relu'"),
     ("no weights", lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
     ("only a pickle", lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),

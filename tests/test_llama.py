@@ -1,0 +1,233 @@
+"""The Llama family (`model.arch: llama`): rotary positions, RMSNorm, SwiGLU and grouped-query attention,
+held to transformers' LlamaForCausalLM on random weights, to its own cached decoding, and through
+training, import and export."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import BPE, TINY, command, shakespeare
+from gpt.checkpoint import load_checkpoint
+from gpt.config import ConfigError, ModelConfig, load_run_config
+from gpt.generate import generate, generate_uncached
+from gpt.model import GPT
+from gpt.sampling import SamplingParams
+
+LLAMA = ModelConfig(arch="llama", block_size=32, embedding_dim=32, num_heads=4, num_kv_heads=2, num_layers=2,
+                    vocab_size=65, rope_theta=500.0, norm_eps=1e-6)
+
+
+def tiny(seed=0, **changes) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(dataclasses.replace(LLAMA, **changes)).eval()
+    with torch.no_grad():  # every tensor random: a gain of 1 or a misplaced one would hide nothing
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 1 else 0.1)
+    return model
+
+
+def test_the_parts_are_llamas_and_the_cache_holds_the_kv_heads():
+    model = tiny()
+    names = {n for n, _ in model.named_parameters()}
+    assert "position_embedding.weight" not in names and not any(n.endswith(".bias") for n in names)
+    assert {"blocks.0.mlp.gate.weight", "blocks.0.mlp.up.weight", "blocks.0.mlp.proj.weight"} <= names
+    assert model.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)  # H·D + 2·K·D rows
+    assert model.blocks[0].mlp.gate.weight.shape == (128, 32)  # 8C/3 = 85.3, up to a multiple of 64
+    out = model(torch.randint(0, 65, (3, 10)), use_cache=True)
+    assert out.present[0][0].shape == (3, 2, 10, 8)  # (B, K, T, D): half the heads, half the cache
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())  # no position table to leave out
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_cached_decoding_and_chunked_prefill_match_the_whole_sequence(kv):
+    model = tiny(num_kv_heads=kv)
+    x = torch.randint(0, 65, (2, 20))
+    full = model(x).logits
+    a = model(x[:, :7], use_cache=True)
+    b = model(x[:, 7:12], past=a.present)
+    steps = [a.logits, b.logits]
+    out = b
+    for t in range(12, 20):
+        out = model(x[:, t:t + 1], past=out.present)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    prompt = x[0, :5].tolist()
+    greedy = SamplingParams(greedy=True)
+    assert list(generate(model, prompt, 20, greedy)) == list(generate_uncached(model, prompt, 20, greedy))
+
+
+def test_left_padding_matches_unpadded():
+    model = tiny()
+    a, b = torch.randint(0, 65, (1, 9)), torch.randint(0, 65, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1)]).long()
+    logits = model(batch, attention_mask=mask).logits
+    torch.testing.assert_close(logits[1, 5:], model(b).logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[0], model(a).logits[0], atol=1e-5, rtol=0)
+
+
+def test_rotary_attention_sees_offsets_not_places():
+    """With no position table, shifting every position by the same amount changes nothing."""
+    model = tiny()
+    x = torch.randint(0, 65, (1, 8))
+    positions = torch.arange(8)[None]
+    torch.testing.assert_close(model(x, position_ids=positions + 11).logits, model(x, position_ids=positions).logits,
+                               atol=1e-4, rtol=0)
+    gpt2 = GPT(ModelConfig(block_size=32, embedding_dim=32, num_heads=4, num_layers=2, vocab_size=65)).eval()
+    assert not torch.allclose(gpt2(x, position_ids=positions + 11).logits, gpt2(x, position_ids=positions).logits)
+
+
+def test_the_pictures_hand_built_head_matches_grouped_rotary_attention():
+    from gpt.pictures import attention_weights, head_by_hand, position_similarity
+
+    model = tiny(num_kv_heads=1)
+    x, attn = torch.randn(2, 10, 32), model.blocks[0].attn
+    rope = model.rotary(torch.arange(10)[None].expand(2, 10))
+    with torch.no_grad():
+        heads = [head_by_hand(attn, x, i, rope) for i in range(4)]
+        by_hand = attn.proj(torch.cat([out for _, out in heads], dim=-1))
+        module, _ = attn(x, None, None, rope)
+    torch.testing.assert_close(by_hand, module, atol=1e-5, rtol=0)
+    assert attention_weights(model, torch.randint(0, 65, (1, 7))).shape == (2, 4, 7, 7)
+    with pytest.raises(ValueError, match="no position embeddings"):
+        position_similarity(model)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--model.num_kv_heads=3", "model.num_kv_heads=3 must divide model.num_heads=4"),
+    ("--model.embedding_dim=20", "is odd: rotary embeddings turn pairs"),  # 20 / 4 = 5
+    ("--model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+    ("--model.intermediate_size=0", "model.intermediate_size=0 must be >= 1"),
+])
+def test_a_bad_llama_shape_is_a_config_error_naming_the_keys(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(TINY, ["--model.arch=llama", "--model.num_heads=4", "--model.embedding_dim=32", override])
+
+
+def test_llamas_keys_on_a_gpt2_are_refused_and_the_family_sets_the_bias():
+    with pytest.raises(ConfigError, match=r"model.num_kv_heads \(grouped-query attention\) is llama's"):
+        load_run_config(TINY, ["--model.num_kv_heads=2"])
+    with pytest.raises(ConfigError, match="model.arch='mamba' must be one of gpt2, llama"):
+        load_run_config(TINY, ["--model.arch=mamba"])
+    assert load_run_config(TINY, ["--model.arch=llama"]).model.bias is False
+    assert load_run_config(TINY, []).model.bias is True
+
+
+# --- Hugging Face in and out ----------------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama_folder(folder, tokenizer, **changes):
+    """A tiny LlamaForCausalLM with every tensor random, as save_pretrained writes it."""
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000.0, vocab_size=tokenizer.vocab_size,
+        tie_word_embeddings=False, bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, **changes)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 1 else 0.1)
+    model.save_pretrained(str(folder))
+    tokenizer.save(folder / "tokenizer.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gpt.tokenizer import BPETokenizer
+
+    return BPETokenizer.train([shakespeare()[:100_000]], 300)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory, tokenizer):
+    return llama_folder(tmp_path_factory.mktemp("hf") / "tiny-llama", tokenizer)
+
+
+def test_import_matches_transformers_logits_and_greedy_tokens(hf_llama):
+    from gpt.hf import import_hf, parity_with_transformers
+
+    model = import_hf(hf_llama)
+    c = model.config
+    assert (c.arch, c.num_layers, c.embedding_dim, c.num_heads, c.kv_heads, c.mlp_dim) == ("llama", 2, 32, 4, 2, 72)
+    assert (c.block_size, c.rope_theta, c.norm_eps, c.bias, c.tie_embeddings) == (64, 1000.0, 1e-6, False, False)
+    parity = parity_with_transformers(model, hf_llama)
+    assert parity["max_rel_logit_error"] < 1e-5 and parity["passed"], parity
+    assert parity["greedy_tokens"] == 56 and parity["greedy_identical"]
+
+
+def test_what_we_write_transformers_reads_with_our_logits(tmp_path, tokenizer):
+    from gpt.hf import export_hf_folder
+
+    for tie in (False, True):
+        model = tiny(vocab_size=tokenizer.vocab_size, tie_embeddings=tie, num_kv_heads=1)
+        export_hf_folder(model, tokenizer, tmp_path / str(tie))
+        loaded, info = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / str(tie)),
+                                                                    output_loading_info=True)
+        assert not any(info.values()), info
+        ids = torch.randint(0, tokenizer.vocab_size, (2, 20))
+        with torch.no_grad():
+            ours, theirs = model(ids).logits, loaded.eval()(ids).logits
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling=.* is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"attention_bias": True}, "mlp_bias=False is not supported"),
+])
+def test_a_llama_we_cannot_run_is_refused_before_any_work(tmp_path, tokenizer, changes, message):
+    from gpt.hf import HFError, read_config
+
+    folder = llama_folder(tmp_path / "odd", tokenizer, **changes)
+    with pytest.raises(HFError, match=message):
+        read_config(folder)
+
+
+def test_another_model_type_is_refused_naming_what_is_supported(tmp_path):
+    from gpt.hf import HFError, read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 32}))
+    with pytest.raises(HFError, match="model_type 'qwen2'; only 'gpt2' .* and 'llama' .* can be imported"):
+        read_config(tmp_path)
+
+
+@pytest.mark.slow
+def test_train_a_llama_then_fine_tune_one_from_transformers_and_write_it_back(tmp_path, hf_llama, fresh_accelerate):
+    """The command line on both paths: a llama from scratch (GQA, Muon), and init_from=hf: a Llama folder,
+    a few steps, `export --format hf` of the result read back by transformers."""
+    scratch = tmp_path / "scratch"
+    command("launch", str(TINY), f"--train.out_dir={scratch}", "--train.max_iters=30", "--model.arch=llama",
+            "--model.num_kv_heads=1", "--train.optimizer=muon", *BPE)
+    model, _, meta = load_checkpoint(scratch)
+    assert model.config.arch == "llama" and model.config.kv_heads == 1 and meta["step"] == 30
+    metrics = [json.loads(line) for line in (scratch / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert losses[-1] < losses[0] - 0.4, losses  # it learns (6.25 -> 5.62 nats when written)
+
+    from export.gguf import export_gguf
+    from export.pipeline import export
+    from serve.manifest import ExportError
+
+    for write in (lambda out: export(scratch, out), lambda out: export_gguf(scratch, out, types=["f32"])):
+        with pytest.raises(ExportError, match="model.arch=llama model, and the .* export takes only gpt2 so far: "
+                                              "write it with --format hf"):
+            write(tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+
+    tuned = tmp_path / "tuned"
+    command("launch", str(TINY), f"--train.out_dir={tuned}", f"--model.init_from=hf:{hf_llama}",
+            "--train.max_iters=5", "--model.block_size=48")
+    model, tokenizer, _ = load_checkpoint(tuned)
+    assert model.config.block_size == 48 and model.config.rope_theta == 1000.0  # the run's context, the model's rest
+    report = json.loads((tuned / "run.json").read_text())
+    assert report["init_from"]["parity"]["passed"], report["init_from"]
+    out = tmp_path / "hf-out"
+    command("export", str(tuned), str(out), "--format", "hf")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 16))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
