@@ -20,18 +20,6 @@ HF_EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokeni
 GGUF_REPORT, GGUF_FORMAT = HF_REPORT, "gpt-gguf"  # the GGUF folder: model.TYPE.gguf, Modelfile, its report
 
 
-def check_architecture(checkpoint: Path, kind: str) -> None:
-    """Refuse, before any work, a checkpoint whose architecture this format's writer does not take: the
-    ONNX builders and the GGUF writer take gpt2 today; a llama goes to transformers (--format hf)."""
-    try:
-        arch = json.loads((checkpoint / "config.json").read_text()).get("arch", "gpt2")
-    except (OSError, ValueError):
-        return  # load_checkpoint says what is wrong with the folder
-    if arch != "gpt2" and kind in ("onnx", "gguf"):
-        raise ExportError(f"{checkpoint} is a model.arch={arch} model, and the {kind.upper()} export takes only gpt2 "
-                          f"so far: write it with --format hf (transformers), which takes {arch}")
-
-
 def check_destination(export_dir: Path, checkpoint: Path, force: bool, kind: str = "onnx") -> None:
     """Refuse a destination the export would destroy something in.
 

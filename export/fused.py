@@ -21,6 +21,12 @@ which the graph derives `seqlens_k` (real tokens - 1) and `total_sequence_length
 onnxruntime-genai's model builder does. Learned absolute positions stay outside the op: the caller
 passes `position_ids`.
 
+A llama (`arch: llama`) is written the same way with its own pieces: RMSNorm as
+SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization; the packed QKV split, its queries
+and keys turned by the rotary angles of `position_ids` (the same cos and sin as gpt/model.py's, made
+once for every block) and given to GroupQueryAttention as query, key and value with `kv_num_heads`
+key/value heads, whose cache holds those K heads; and the SwiGLU MLP as two MatMuls, Sigmoid and Mul.
+
 The graph carries the Optimum names, so the same runtime code binds it; what differs is recorded in
 the manifest (`cache: "shared"`).
 
@@ -37,8 +43,7 @@ from export.onnxfile import WeightFile
 from serve.manifest import LOGITS_TO_KEEP, input_names, output_names
 
 MS = "com.microsoft"
-FUSED_OPS = ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu")
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which gpt/model.py uses
+FUSED_OPS = ("GroupQueryAttention", "SkipLayerNormalization", "FastGelu", "SkipSimplifiedLayerNormalization")
 
 
 class FusedBuilder:
@@ -101,10 +106,15 @@ class FusedBuilder:
         return None
 
     def make_skip_layer_norm(self, x: str, skip: str, ln: str, bias: str | None, out: str, residual: str) -> None:
-        """(x + skip + bias) → `residual`, and its LayerNorm `ln` → `out`, in one op."""
+        """(x + skip + bias) → `residual`, and its LayerNorm `ln` → `out`, in one op (a llama's RMSNorm:
+        SkipSimplifiedLayerNormalization, which has no bias)."""
+        if self.config.arch == "llama":
+            self.node("SkipSimplifiedLayerNormalization", [x, skip, self.ln_params(ln)[0]], [out, "", "", residual],
+                      domain=MS, epsilon=self.config.norm_eps)
+            return
         self.node("SkipLayerNormalization", [x, skip, *self.ln_params(ln), *([bias] if bias else [])],
                   [out, "", "", residual],
-                  domain=MS, epsilon=LAYER_NORM_EPS)
+                  domain=MS, epsilon=self.config.norm_eps)
 
     def make_attention_inputs(self) -> None:
         """seqlens_k = real tokens - 1 per row and total_sequence_length = the mask's width, as
@@ -121,20 +131,87 @@ class FusedBuilder:
         self.node("Cast", ["total_length_64"], ["total_length"], to=TensorProto.INT32)
 
     def make_embeddings(self) -> None:
-        """Token and position embeddings, added and normed by the first block's ln_1."""
+        """Token and position embeddings, added and normed by the first block's ln_1 (a llama: the token
+        embedding, normed, and the rotary angles of its positions)."""
+        if self.config.arch == "llama":
+            self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["h.0.x"],
+                      axis=0)
+            self.make_rotary()
+            self.make_rms_norm("h.0.x", "blocks.0.ln_1", "h.0.ln_1")  # the later ones fuse with the residual add
+            return
         self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
         self.node("Gather", [self.weight("wpe", self.state["position_embedding.weight"]), "position_ids"], ["pos"],
                   axis=0)
         self.make_skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
 
+    def make_rotary(self, heads_axis: int = 2) -> None:
+        """A llama's rotary angles: `cos` and `sin` of position · theta^(-2d/D), each pair's angle twice
+        (d and d + D/2), as gpt/model.py's Rotary makes them, once for every block: (B, T, 1, D) for
+        this graph's (B, T, heads, D) queries and keys, (B, 1, T, D) with heads_axis 1 (the portable's)."""
+        from onnx import TensorProto
+
+        D = self.config.head_dim
+        inv_freq = 1.0 / (np.float32(self.config.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / D))
+        self.node("Cast", ["position_ids"], ["positions_f"], to=TensorProto.FLOAT)
+        self.node("Unsqueeze", ["positions_f", self.const("axis_last", np.array([-1], np.int64))], ["positions_col"])
+        self.node("Mul", ["positions_col", self.const("inv_freq", inv_freq.astype(np.float32))], ["half_angles"])
+        self.node("Concat", ["half_angles", "half_angles"], ["angles"], axis=-1)  # (B, T, D)
+        self.const("axis_2", np.array([2], np.int64))
+        self.const("rotary_halves", np.array([D // 2, D // 2], np.int64))
+        for heads in {self.config.num_heads, self.config.kv_heads}:  # make_turned's shapes
+            self.const(f"heads_{heads}", np.array([0, 0, heads, D], np.int64))
+            self.const(f"width_{heads}", np.array([0, 0, heads * D], np.int64))
+        for f in ("Cos", "Sin"):
+            self.node(f, ["angles"], [f"{f.lower()}_btd"])
+            self.node("Unsqueeze", [f"{f.lower()}_btd", f"axis_{heads_axis}"], [f"{f.lower()}_f32"])
+            if self.dtype == "float16":
+                self.node("Cast", [f"{f.lower()}_f32"], [f.lower()], to=TensorProto.FLOAT16)
+            else:
+                self.node("Identity", [f"{f.lower()}_f32"], [f.lower()])
+
+    def make_rms_norm(self, x: str, ln: str, out: str) -> None:
+        """RMSNorm `ln` in standard ops: x / √(mean(x²) + eps) · w (opset 18's ReduceMean takes its axes
+        as an input; 17's as an attribute)."""
+        self.node("Mul", [x, x], [f"{out}.square"])
+        if self.opset >= 18:
+            self.node("ReduceMean", [f"{out}.square", "axis_last"], [f"{out}.mean_square"], keepdims=1)
+        else:
+            self.node("ReduceMean", [f"{out}.square"], [f"{out}.mean_square"], axes=[-1], keepdims=1)
+        eps = self.const(f"{out}.eps", np.array(self.config.norm_eps, self.np_dtype))
+        self.node("Add", [f"{out}.mean_square", eps], [f"{out}.variance"])
+        self.node("Sqrt", [f"{out}.variance"], [f"{out}.rms"])
+        self.node("Div", [x, f"{out}.rms"], [f"{out}.normed"])
+        self.node("Mul", [f"{out}.normed", self.ln_params(ln)[0]], [out])
+
+    def make_turned(self, x: str, heads: int, out: str) -> None:
+        """x (B, T, heads·D) turned by its positions' angles, head by head: x·cos + (-x2, x1)·sin."""
+        self.node("Reshape", [x, f"heads_{heads}"], [f"{x}.bthd"])
+        self.node("Split", [f"{x}.bthd", "rotary_halves"], [f"{x}.1", f"{x}.2"], axis=-1)
+        self.node("Neg", [f"{x}.2"], [f"{x}.neg_2"])
+        self.node("Concat", [f"{x}.neg_2", f"{x}.1"], [f"{x}.half_turned"], axis=-1)
+        self.node("Mul", [f"{x}.bthd", "cos"], [f"{x}.cos"])
+        self.node("Mul", [f"{x}.half_turned", "sin"], [f"{x}.sin"])
+        self.node("Add", [f"{x}.cos", f"{x}.sin"], [f"{x}.turned"])
+        self.node("Reshape", [f"{x}.turned", f"width_{heads}"], [out])
+
     def make_attention(self, i: int) -> None:
-        """Block i's attention: packed QKV → GroupQueryAttention (cache in place) → proj, + residual, ln_2."""
-        p, H = f"blocks.{i}", self.config.num_heads
+        """Block i's attention: packed QKV → GroupQueryAttention (cache in place) → proj, + residual, ln_2.
+        A llama's QKV is split and its queries and keys turned first; its cache has K heads."""
+        c, p, H = self.config, f"blocks.{i}", self.config.num_heads
         self.make_linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
+        qkv = [f"h.{i}.qkv", "", ""]
+        if c.arch == "llama":
+            K, D = c.kv_heads, c.head_dim
+            if i == 0:
+                self.const("qkv_split", np.array([H * D, K * D, K * D], np.int64))
+            self.node("Split", [f"h.{i}.qkv", "qkv_split"], [f"h.{i}.q", f"h.{i}.k", f"h.{i}.v"], axis=2)
+            self.make_turned(f"h.{i}.q", H, f"h.{i}.q_turned")
+            self.make_turned(f"h.{i}.k", K, f"h.{i}.k_turned")
+            qkv = [f"h.{i}.q_turned", f"h.{i}.k_turned", f"h.{i}.v"]
         self.node("GroupQueryAttention",
-                  [f"h.{i}.qkv", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                   "total_length"],
-                  [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H, kv_num_heads=H)
+                  [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_length"],
+                  [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H,
+                  kv_num_heads=c.kv_heads)
         bias = self.make_linear(f"h.{i}.attn", f"{p}.attn.proj", f"h.{i}.attn_out", bias_in_next=True)
         self.make_skip_layer_norm(f"h.{i}.attn_out", f"h.{i}.x", f"{p}.ln_2", bias, f"h.{i}.ln_2", f"h.{i}.x2")
 
@@ -142,8 +219,15 @@ class FusedBuilder:
         """Block i's feed-forward: fc → FastGelu(+ bias) → proj, + residual, and the next LayerNorm
         (the next block's ln_1, or ln_f after the last block)."""
         p, last = f"blocks.{i}", i == self.config.num_layers - 1
-        bias = self.make_linear(f"h.{i}.ln_2", f"{p}.mlp.fc", f"h.{i}.fc", bias_in_next=True)
-        self.node("FastGelu", [f"h.{i}.fc", *([bias] if bias else [])], [f"h.{i}.gelu"], domain=MS)
+        if self.config.arch == "llama":  # SwiGLU: proj(silu(gate(x)) · up(x)), silu(x) = x · sigmoid(x)
+            self.make_linear(f"h.{i}.ln_2", f"{p}.mlp.gate", f"h.{i}.gate")
+            self.make_linear(f"h.{i}.ln_2", f"{p}.mlp.up", f"h.{i}.up")
+            self.node("Sigmoid", [f"h.{i}.gate"], [f"h.{i}.gate_sigmoid"])
+            self.node("Mul", [f"h.{i}.gate", f"h.{i}.gate_sigmoid"], [f"h.{i}.silu"])
+            self.node("Mul", [f"h.{i}.silu", f"h.{i}.up"], [f"h.{i}.gelu"])  # the name the next line reads
+        else:
+            bias = self.make_linear(f"h.{i}.ln_2", f"{p}.mlp.fc", f"h.{i}.fc", bias_in_next=True)
+            self.node("FastGelu", [f"h.{i}.fc", *([bias] if bias else [])], [f"h.{i}.gelu"], domain=MS)
         bias = self.make_linear(f"h.{i}.gelu", f"{p}.mlp.proj", f"h.{i}.mlp_out", bias_in_next=True)
         self.make_skip_layer_norm(f"h.{i}.mlp_out", f"h.{i}.x2", "ln_f" if last else f"blocks.{i + 1}.ln_1", bias,
                                   "final" if last else f"h.{i + 1}.ln_1", "residual_out" if last else f"h.{i + 1}.x")
@@ -189,8 +273,8 @@ class FusedBuilder:
             self.make_attention(i)
             self.make_mlp(i)
         self.make_head()
-        L, H, D = self.config.num_layers, self.config.num_heads, self.config.embedding_dim // self.config.num_heads
-        cache = ["batch", H, "max_sequence", D]
+        L, K, D = self.config.num_layers, self.config.kv_heads, self.config.head_dim
+        cache = ["batch", K, "max_sequence", D]
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
                   helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])]

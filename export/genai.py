@@ -19,7 +19,8 @@ def genai_config(manifest: dict, variant: str, eot_id: int | None) -> dict:
     names = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     return {
         "model": {
-            "type": "decoder", "vocab_size": c["vocab_size"], "context_length": c["block_size"],
+            "type": "llama" if c.get("arch") == "llama" else "decoder", "vocab_size": c["vocab_size"],
+            "context_length": c["block_size"],
             "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id,
             "decoder": {
                 "filename": manifest["files"][variant],
@@ -27,7 +28,7 @@ def genai_config(manifest: dict, variant: str, eot_id: int | None) -> dict:
                 # default, is no constant (it is meant not to be; genai leaves it at every position)
                 "session_options": {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []},
                 "hidden_size": c["embedding_dim"], "head_size": c["embedding_dim"] // c["num_heads"],
-                "num_attention_heads": c["num_heads"], "num_key_value_heads": c["num_heads"],
+                "num_attention_heads": c["num_heads"], "num_key_value_heads": c.get("num_kv_heads") or c["num_heads"],
                 "num_hidden_layers": c["num_layers"],
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                            **names},

@@ -14,6 +14,12 @@ Written from the checkpoint with the `gguf` package (ggml's own writer), in the 
 
 nn.Linear's (out, in) weight is ggml's row-major (ne0 = in) as it is: no transpose.
 
+A llama (`arch: llama`) is written as llama.cpp's `llama` architecture (convert_hf_to_gguf.py's
+LlamaModel): attn_norm and ffn_norm are RMSNorm gains, our fused qkv is split into attn_q, attn_k and
+attn_v, and mlp.gate, up, proj are ffn_gate, ffn_up, ffn_down. llama.cpp turns adjacent pairs of a
+head's dimensions (d, d + 1) where transformers and gpt/model.py turn (d, d + D/2), so the rows of
+attn_q and attn_k are permuted per head, as the converter does; the model is the same function.
+
 The tokenizer goes in the file, as tokenizer.ggml.model "gpt2":
 - byte-level BPE: its tokens (byte-level strings) and merges, <|endoftext|> as the end-of-text token;
 - a character vocabulary: each character as the byte-level string of its UTF-8 bytes, so llama.cpp's
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.destination import GGUF_FORMAT, GGUF_REPORT, check_architecture, check_destination, publish
+from export.destination import GGUF_FORMAT, GGUF_REPORT, check_destination, publish
 from gpt.checkpoint import load_checkpoint, resolve_checkpoint
 from gpt.files import staging
 from gpt.tokenizer import CharTokenizer, char_as_byte_level
@@ -53,11 +59,36 @@ def tensor_names(model) -> dict[str, str]:
         names["lm_head.weight"] = "output.weight"
     parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
              "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+    if model.config.arch == "llama":
+        parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.proj": "attn_output", "mlp.gate": "ffn_gate",
+                 "mlp.up": "ffn_up", "mlp.proj": "ffn_down"}
     for i in range(model.config.num_layers):
         for ours, theirs in parts.items():
             for kind in ("weight", "bias"):
                 names[f"blocks.{i}.{ours}.{kind}"] = f"blk.{i}.{theirs}.{kind}"
     return names
+
+
+def pairs_adjacent(rows: np.ndarray, heads: int) -> np.ndarray:
+    """A q or k projection's rows, per head, from rotate-half order (pairs d, d + D/2) to llama.cpp's
+    adjacent pairs (2d, 2d + 1): convert_hf_to_gguf.py's LlamaModel.permute."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_tensors(model) -> dict[str, np.ndarray]:
+    """llama.cpp's tensors of `model`, by name: ours renamed, a llama's qkv split and its q and k permuted."""
+    c = model.config
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    tensors = {theirs: state[ours] for ours, theirs in tensor_names(model).items() if ours in state}
+    if c.arch == "llama":
+        sizes = np.cumsum([c.num_heads * c.head_dim, c.kv_heads * c.head_dim])
+        for i in range(c.num_layers):
+            for kind in ("weight", "bias"):
+                if f"blocks.{i}.attn.qkv.{kind}" in state:
+                    q, k, v = np.split(state[f"blocks.{i}.attn.qkv.{kind}"], sizes)
+                    tensors |= {f"blk.{i}.attn_q.{kind}": pairs_adjacent(q, c.num_heads),
+                                f"blk.{i}.attn_k.{kind}": pairs_adjacent(k, c.kv_heads), f"blk.{i}.attn_v.{kind}": v}
+    return tensors
 
 
 def vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -89,15 +120,22 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, description: str) -
     c = model.config
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              **{t: getattr(gguf.GGMLQuantizationType, t.upper()) for t in GGUF_TYPES[2:]}}[gguf_type]
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer = gguf.GGUFWriter(str(path), "llama" if c.arch == "llama" else "gpt2")
     writer.add_name(description.split(":")[0])
     writer.add_description(description)
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.embedding_dim)
-    writer.add_feed_forward_length(4 * c.embedding_dim)
+    writer.add_feed_forward_length(c.mlp_dim)
     writer.add_block_count(c.num_layers)
     writer.add_head_count(c.num_heads)
-    writer.add_layer_norm_eps(1e-5)
+    if c.arch == "llama":
+        writer.add_head_count_kv(c.kv_heads)
+        writer.add_layer_norm_rms_eps(c.norm_eps)
+        writer.add_rope_freq_base(c.rope_theta)
+        writer.add_rope_dimension_count(c.head_dim)
+        writer.add_vocab_size(c.vocab_size)
+    else:
+        writer.add_layer_norm_eps(c.norm_eps)
     writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}[gguf_type])
     tokens, types, merges = vocabulary(tokenizer)
     writer.add_tokenizer_model("gpt2")
@@ -110,11 +148,7 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, description: str) -
         writer.add_eos_token_id(tokenizer.eot_id)
     writer.add_add_bos_token(False)
     written = {}
-    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    for ours, theirs in tensor_names(model).items():
-        if ours not in state:  # no bias (model.bias=false)
-            continue
-        array = state[ours]
+    for theirs, array in gguf_tensors(model).items():
         kind = qtype if array.ndim == 2 and array.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F32
         if kind == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(theirs, array.astype(np.float16))
@@ -139,7 +173,6 @@ def export_gguf(source: str | Path, export_dir: str | Path, *, types: list[str],
     export_dir = Path(export_dir)
     which = checkpoint
     folder = resolve_checkpoint(source, which)
-    check_architecture(folder, "gguf")
     check_destination(export_dir, folder, force, kind="gguf")
     model, tokenizer, meta = load_checkpoint(folder)
     model.float().eval()

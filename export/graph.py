@@ -52,8 +52,8 @@ def example_inputs(c: ModelConfig, batch: int, seq: int, past: int, left_pad: in
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     mask[:, :left_pad] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
-    cache = [(torch.randn(batch, c.num_heads, past, c.head_dim, generator=g),
-              torch.randn(batch, c.num_heads, past, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+    cache = [(torch.randn(batch, c.kv_heads, past, c.head_dim, generator=g),
+              torch.randn(batch, c.kv_heads, past, c.head_dim, generator=g)) for _ in range(c.num_layers)]
     return ids, mask, positions, cache
 
 

@@ -127,12 +127,12 @@ def _shared_case(c, index: int):
     pasts = [past + (2 * r if ragged else 0) for r in range(batch)]
     g = torch.Generator().manual_seed(index)
     ids = torch.randint(0, c.vocab_size, (batch, seq), generator=g)
-    host = [np.zeros((batch, c.num_heads, max(pasts), c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
+    host = [np.zeros((batch, c.kv_heads, max(pasts), c.head_dim), np.float32) for _ in range(2 * c.num_layers)]
     mask, positions = np.zeros((batch, max(pasts) + seq), np.int64), np.zeros((batch, seq), np.int64)
     rows = []
     for r, p in enumerate(pasts):
-        cache = [(torch.randn(1, c.num_heads, p, c.head_dim, generator=g),
-                  torch.randn(1, c.num_heads, p, c.head_dim, generator=g)) for _ in range(c.num_layers)]
+        cache = [(torch.randn(1, c.kv_heads, p, c.head_dim, generator=g),
+                  torch.randn(1, c.kv_heads, p, c.head_dim, generator=g)) for _ in range(c.num_layers)]
         for j, t in enumerate(t for kv in cache for t in kv):
             host[j][r, :, :p] = t[0].numpy()
         mask[r, :p + seq] = 1

@@ -40,8 +40,17 @@ def add_playground(app: FastAPI, model: OnnxModel, model_id: str) -> None:
 
 
 def parameter_count(c: dict) -> int:
-    """A GPT's parameters from its config (gpt/model.py's layout): embeddings, blocks, final norm, head."""
+    """A GPT's parameters from its config (gpt/model.py's layout): embeddings, blocks, final norm, head.
+    A llama (rotary positions, RMSNorm, SwiGLU, K key/value heads) has no position table, one gain per
+    norm and three MLP matrices."""
     C, L, bias = c["embedding_dim"], c["num_layers"], c.get("bias", True)
-    block = 12 * C * C + (13 * C if bias else 4 * C)  # attention and MLP matrices, their biases, two LayerNorms
     head = 0 if c.get("tie_embeddings") else c["vocab_size"] * C
+    if c.get("arch") == "llama":
+        from gpt.config import model_config_from_dict  # no torch: the config's own rules for K and F
+
+        m = model_config_from_dict(c)
+        F, qkv = m.mlp_dim, (m.num_heads + 2 * m.kv_heads) * m.head_dim
+        block = C * qkv + C * C + 3 * C * F + 2 * C + ((qkv + C + 2 * F + C) if bias else 0)
+        return c["vocab_size"] * C + L * block + C + head
+    block = 12 * C * C + (13 * C if bias else 4 * C)  # attention and MLP matrices, their biases, two LayerNorms
     return c["vocab_size"] * C + c["block_size"] * C + L * block + (2 if bias else 1) * C + head

@@ -83,7 +83,8 @@ class OnnxModel:
             variant = auto_variant(self.manifest, device)
         self.tokenizer = manifest_tokenizer(export_dir, self.manifest)
         config = self.manifest["model"]
-        self.num_layers, self.num_heads = config["num_layers"], config["num_heads"]
+        # the cache's heads: num_heads, or a llama's fewer key/value heads (grouped-query attention)
+        self.num_layers, self.num_heads = config["num_layers"], config.get("num_kv_heads") or config["num_heads"]
         self.head_dim = config["embedding_dim"] // config["num_heads"]
         self.block_size, self.vocab_size = config["block_size"], config["vocab_size"]
         self.input_names = [i["name"] for i in self.manifest["inputs"]]

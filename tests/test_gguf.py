@@ -21,12 +21,16 @@ needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is No
                                      reason="needs llama-cpp-python (pip install -e '.[test]')")
 LONG = ["--model.block_size=128", "--train.max_iters=60"]  # room for 100 greedy tokens after a prompt
 PROMPTS = {"char": "ROMEO:\nWhat say", "bpe": "ROMEO:\nWhat say you, café señor? 1234"}
+PROMPTS["llama"] = PROMPTS["bpe"]
 
 
-@pytest.fixture(scope="module", params=["char", "bpe"])
+KINDS = {"char": [], "bpe": BPE, "llama": [*BPE, "--model.arch=llama", "--model.num_heads=4", "--model.num_kv_heads=2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
 def exported(request, tmp_path_factory):
     kind = request.param
-    extra = BPE if kind == "bpe" else []
+    extra = KINDS[kind]
     run = made_once(tmp_path_factory, f"gguf-run-{kind}", lambda out: command(
         "launch", str(TINY), f"--train.out_dir={out}", *LONG, *extra))
     onnx = made_once(tmp_path_factory, f"gguf-onnx-{kind}", lambda out: command("export", str(run), str(out)))
@@ -146,9 +150,15 @@ def test_the_file_names_its_run_and_force_replaces_only_a_gguf_export(exported, 
     fields = {f.name: f for f in reader.fields.values()}
     description = bytes(fields["general.description"].parts[-1]).decode()
     assert run.name in description and "step 60" in description
-    assert bytes(fields["general.architecture"].parts[-1]).decode() == "gpt2"
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert kinds["blk.0.attn_qkv.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    if kind == "llama":  # llama.cpp's llama: q, k, v apart, RMSNorm gains, the gated MLP, 2 key/value heads
+        assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+        assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
+        assert kinds["blk.0.attn_k.weight"] == "Q8_0" and kinds["blk.0.ffn_gate.weight"] == "Q8_0"
+        assert "blk.0.attn_norm.bias" not in kinds and "position_embd.weight" not in kinds
+    else:
+        assert bytes(fields["general.architecture"].parts[-1]).decode() == "gpt2"
+        assert kinds["blk.0.attn_qkv.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_gguf(run, gguf, types=["f32"], log=lambda s: None)
     with pytest.raises(ExportError, match="is not one of f32, f16"):

@@ -75,3 +75,10 @@ def test_every_benchmark_calls_export_with_keywords_it_takes():
                 unknown = {k.arg for k in node.keywords if k.arg} - takes
                 assert not unknown, f"bench/{path.name} line {node.lineno} passes {sorted(unknown)} to export()"
     assert calls >= 4  # decode, export, serve, step_profile at least
+
+
+def test_ci_installs_as_readme_command_2_does():
+    """CI runs the README's test command: the same install (llama.cpp's build arguments included)."""
+    command = next(line for line in README.splitlines() if line.startswith("python3 -m venv") and ".[test]" in line)
+    install = next(part.strip() for part in command.split("&&") if "pip install" in part)
+    assert install.replace("pip install", "python -m pip install --quiet") in (ROOT / ".ci" / "run").read_text()
