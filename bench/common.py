@@ -11,16 +11,33 @@ VOCAB = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # 
 
 
 def add_shape_arguments(parser, layers: int = 8, heads: int = 8, dim: int = 512, block: int = 256) -> None:
-    """--layers, --heads, --dim, --block: the random model's shape (default: seed size)."""
+    """--layers, --heads, --dim, --block: the random model's shape (default: seed size); --arch and the
+    llama's options (see family())."""
     parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--heads", type=int, default=heads)
     parser.add_argument("--dim", type=int, default=dim)
     parser.add_argument("--block", type=int, default=block)
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    parser.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads (default --heads)")
+    parser.add_argument("--intermediate", type=int, default=None, help="llama: SwiGLU width (default 8C/3)")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="llama: the rotary base")
 
 
-def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: int, vocab: int | None = None):
+def family(args) -> dict:
+    """The ModelConfig fields of --arch and its options, for random_checkpoint (SmolLM2-135M's shape:
+    --arch llama --layers 30 --heads 9 --kv-heads 3 --dim 576 --intermediate 1536 --rope-theta 100000
+    --vocab 49152)."""
+    if args.arch != "llama":
+        return {}
+    return {"arch": "llama", "num_kv_heads": args.kv_heads, "intermediate_size": args.intermediate,
+            "rope_theta": args.rope_theta}
+
+
+def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: int, vocab: int | None = None,
+                      **family):
     """A checkpoint folder with seeded random weights: (folder, model, tokenizer). With `vocab`, a GPT-2
-    shape: byte-level BPE of that many tokens learned from TinyShakespeare, tied head, biases."""
+    shape: byte-level BPE of that many tokens learned from TinyShakespeare, tied head, biases. `family`:
+    more ModelConfig fields, e.g. arch="llama", num_kv_heads=3, intermediate_size=1536."""
     import torch
 
     from gpt.checkpoint import write_model_files
@@ -38,7 +55,7 @@ def random_checkpoint(folder: Path, layers: int, heads: int, dim: int, block: in
         run.data = DataConfig(tokenizer="bpe", vocab_size=vocab,
                               tokenizer_file=str((folder.parent / "bench_tokenizer.json").resolve()))
     config = ModelConfig(block_size=block, embedding_dim=dim, num_heads=heads, num_layers=layers,
-                         vocab_size=tokenizer.vocab_size, tie_embeddings=vocab is not None)
+                         vocab_size=tokenizer.vocab_size, tie_embeddings=vocab is not None, **family)
     torch.manual_seed(0)
     model = GPT(config).eval()
     run.model = config
@@ -69,11 +86,12 @@ def bench_bpe(vocab: int):
     return BPETokenizer(tok)
 
 
-def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, **options) -> Path:
-    """That checkpoint exported (and verified) to folder/seed."""
+def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, family: dict | None = None,
+                **options) -> Path:
+    """That checkpoint (of `family`'s architecture, see family()) exported (and verified) to folder/seed."""
     from export.pipeline import export
 
-    checkpoint, _, _ = random_checkpoint(folder / "checkpoint", layers, heads, dim, block)
+    checkpoint, _, _ = random_checkpoint(folder / "checkpoint", layers, heads, dim, block, **(family or {}))
     export(checkpoint, folder / "seed", log=lambda s: None, **options)
     return folder / "seed"
 

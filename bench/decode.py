@@ -3,6 +3,8 @@ graphs in fp32 and quantized, and onnxruntime-genai running the same export fold
 
     python bench/decode.py                  # seed-size model (512-d, 8 heads, 8 layers, block 256)
     python bench/decode.py --threads 2 --new-tokens 200 --prompt 16
+    python bench/decode.py --arch llama --layers 30 --heads 9 --kv-heads 3 --dim 576 --intermediate 1536 \
+        --rope-theta 100000 --vocab 49152 --block 1024      # SmolLM2-135M's shape
 
 Random weights (speed does not depend on them). Every engine runs in this process, in turn, for
 `--rounds` round-robin rounds (each row is its best, so drift hits all alike), each once the one
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, random_checkpoint, settle  # noqa: E402
+from bench.common import add_shape_arguments, family, machine, random_checkpoint, settle  # noqa: E402
 from bench.engines import last_logits  # noqa: E402
 from gpt.generate import generate, generate_uncached  # noqa: E402
 from gpt.sampling import SamplingParams  # noqa: E402
@@ -174,7 +176,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     from serve.runtime import generate as ort_generate
 
     ckpt, model, tokenizer = random_checkpoint(tmp / "checkpoint", args.layers, args.heads, args.dim, args.block,
-                                               vocab=args.vocab)
+                                               vocab=args.vocab, **family(args))
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
     rng = np.random.default_rng(0)
     vocab = tokenizer.vocab_size - (tokenizer.eot_id is not None)  # never the end-of-text token
@@ -238,7 +240,8 @@ def measure(args, threads: int, tmp: Path) -> None:
 
     bound = bandwidth / weight_bytes
     print(f"machine: {machine()}; {threads} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"model: {args.layers} layers, {args.heads} heads, {args.dim}-d, block {args.block}, "
+    print(f"model: {model.config.arch}, {args.layers} layers, {args.heads} heads ({model.config.kv_heads} key/value), "
+          f"{args.dim}-d, MLP {model.config.mlp_dim}, block {args.block}, "
           f"vocab {tokenizer.vocab_size}{' (tied head)' if args.vocab else ''}: "
           f"{weight_bytes / 1e6:.0f} MB of fp32 weights -> fp32 bandwidth bound {bound:.0f} tokens/s; "
           f"export+verify {export_s:.0f}s, parity portable {manifest['parity']['fp32']['max_rel_logit_error']:.1e}, "

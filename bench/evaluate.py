@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, make_export, wait_healthy  # noqa: E402
+from bench.common import add_shape_arguments, family, machine, make_export, wait_healthy  # noqa: E402
 
 
 def windows(n: int, block: int) -> list[tuple[int, int, int]]:
@@ -82,7 +82,7 @@ def main() -> None:
     print(machine())
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(args.export_dir) if args.export_dir else make_export(
-            Path(tmp), args.layers, args.heads, args.dim, args.block)
+            Path(tmp), args.layers, args.heads, args.dim, args.block, family(args))
         text = Path(args.text).read_text(encoding="utf-8") if args.text else \
             resolve_corpus(DataConfig()).read_text(encoding="utf-8")[:200_000]
         model = OnnxModel(export_dir, variant="fp32", threads=args.threads)

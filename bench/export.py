@@ -2,6 +2,7 @@
 
     python bench/export.py                       # GPT-2-small shape: 12 x 768, block 1024, vocab 50,257
     python bench/export.py --shape large         # 36 x 1280 (774M parameters, 2.9 GiB: past protobuf's 2 GB)
+    python bench/export.py --shape smollm2-135m  # the Llama family: 30 x 576, 9 heads, 3 key/value heads
     python bench/export.py --optimum-cli /path/to/venv/bin/optimum-cli
 
 A checkpoint of that shape with seeded random weights (and a byte-level BPE of exactly the vocabulary's
@@ -38,7 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, random_checkpoint  # noqa: E402
 
 SHAPES = {"seed": (8, 8, 512, 256), "small": (12, 12, 768, 1024), "medium": (24, 16, 1024, 1024),
-          "large": (36, 20, 1280, 1024)}
+          "large": (36, 20, 1280, 1024), "smollm2-135m": (30, 9, 576, 1024)}
+# the Llama family's shapes (SmolLM2-135M: 3 key/value heads, SwiGLU 1,536 wide, rope_theta 100,000, tied,
+# vocab 49,152; its context of 8,192 cut to 1,024 here, as a fine-tune on a CPU would train it)
+FAMILY = {"smollm2-135m": {"arch": "llama", "num_kv_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0}}
+VOCAB = {"smollm2-135m": 49152}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,21 +101,24 @@ def files_of(folder: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
-    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--vocab", type=int, default=None, help="default: GPT-2's 50,257 (SmolLM2's 49,152)")
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     parser.add_argument("--optimum-cli", default=shutil.which("optimum-cli"),
                         help="optimum-cli to compare with (default: the one on PATH; none: skipped)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = parser.parse_args()
     layers, heads, dim, block = SHAPES[args.shape]
+    args.vocab = args.vocab or VOCAB.get(args.shape, 50257)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-export-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     print(machine())
-    ckpt, model, _ = random_checkpoint(work / "checkpoint", layers, heads, dim, block, vocab=args.vocab)
+    ckpt, model, _ = random_checkpoint(work / "checkpoint", layers, heads, dim, block, vocab=args.vocab,
+                                       **FAMILY.get(args.shape, {}))
     params = sum(p.numel() for p in model.parameters())
-    weights = params * 4
+    weights, c = params * 4, model.config
     del model
-    print(f"{args.shape} shape: {layers} layers x {dim} wide, {heads} heads, block {block}, vocab {args.vocab}: "
+    print(f"{args.shape} shape ({c.arch}, {c.kv_heads} key/value heads, MLP {c.mlp_dim}): {layers} layers x {dim} "
+          f"wide, {heads} heads, block {block}, vocab {args.vocab}: "
           f"{params / 1e6:.0f}M parameters, {weights / 2**30:.2f} GiB in fp32; {args.threads} threads")
     try:
         ours = run_measured([sys.executable, "-m", "export", str(ckpt), str(work / "onnx"), "--optimize", "--int4",

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, make_export, wait_healthy  # noqa: E402
+from bench.common import add_shape_arguments, family, machine, make_export, wait_healthy  # noqa: E402
 
 
 def stream_one(url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
@@ -90,7 +90,8 @@ def run(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(args.export_dir) if args.export_dir else make_export(
-            Path(tmp), args.layers, args.heads, args.dim, args.block, optimize=True, int4=True, eval_tokens=512)
+            Path(tmp), args.layers, args.heads, args.dim, args.block, family(args), optimize=True, int4=True,
+            eval_tokens=512)
         files = json.loads((export_dir / "manifest.json").read_text())["files"]
         models = [m for m in args.models if m in files]
         results = {m: serve_and_load(export_dir, m, args) for m in models}

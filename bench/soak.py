@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, make_export, wait_healthy  # noqa: E402
+from bench.common import add_shape_arguments, family, machine, make_export, wait_healthy  # noqa: E402
 
 HOST = "127.0.0.1"
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "O", "KING HENRY:"]
@@ -155,7 +155,8 @@ def run(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # with the fused graph, which the server takes by default (its slots of one preallocated cache)
         export_dir = Path(args.export_dir) if args.export_dir else make_export(Path(tmp), args.layers, args.heads,
-                                                                              args.dim, args.block, optimize=True)
+                                                                              args.dim, args.block, family(args),
+                                                                              optimize=True)
         with socket.socket() as s:
             s.bind((HOST, 0))
             port = s.getsockname()[1]

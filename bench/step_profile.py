@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import add_shape_arguments, machine, random_checkpoint, settle  # noqa: E402
+from bench.common import add_shape_arguments, family, machine, random_checkpoint, settle  # noqa: E402
 from bench.engines import EngineCrash, in_child  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def run(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, _, _ = random_checkpoint(Path(tmp) / "checkpoint", args.layers, args.heads, args.dim, args.block,
-                                       vocab=args.vocab)
+                                       vocab=args.vocab, **family(args))
         manifest = export(ckpt, Path(tmp) / "export", int4=True, optimize=True, eval_tokens=512, log=lambda s: None)
         config = manifest["model"]
         print(f"machine: {machine()}; {args.threads} threads")
