@@ -182,3 +182,18 @@ def bpe_export_dir(bpe_run_dir, tmp_path_factory):
     graph (--external-data-above 0), so every test of this folder takes the external-data path."""
     return made_once(tmp_path_factory, "bpe-exports/tiny-bpe", lambda out: command(
         "export", str(bpe_run_dir), str(out), "--int8", "--int4", "--optimize", "--external-data-above", "0"))
+
+
+def genai_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens from an onnxruntime_genai.Model after `ids`, until `n` or its context length."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, genai_greedy, subprocess_env
 from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
@@ -390,13 +390,6 @@ def test_onnxruntime_genai_runs_the_export_folder_as_it_is(bpe_export_dir, bpe_r
     ids = [int(i) for i in tokenizer.encode(prompt)]
     assert ids == runtime.tokenizer.encode(prompt)
     n = runtime.block_size - len(ids)  # onnxruntime-genai stops at the context length; we would refill
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = genai_greedy(model, ids, n)
     ours = list(generate(runtime, prompt, n, SamplingParams(greedy=True)))[-1].sequence.generated
     assert len(ours) >= 1 and theirs[:len(ours)] == ours

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import BPE, TINY, command, shakespeare
+from conftest import BPE, TINY, command, genai_greedy, shakespeare
 from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError, ModelConfig, load_run_config
 from gpt.generate import generate, generate_uncached
@@ -290,13 +290,6 @@ def test_onnxruntime_genai_runs_a_llama_export_as_a_llama(llama_export):
     runtime = OnnxModel(out, threads=1, variant="fp32")
     ids = runtime.tokenizer.encode(prompt)
     n = runtime.block_size - len(ids)  # onnxruntime-genai stops at the context length; we would refill
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = genai_greedy(model, ids, n)
     ours = list(ort_generate(runtime, prompt, n, SamplingParams(greedy=True)))[-1].sequence.generated
     assert len(ours) >= 10 and theirs[:len(ours)] == ours
