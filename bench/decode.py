@@ -172,8 +172,9 @@ def genai_stream(model, prompt: list[int], n: int):
 
 def measure(args, threads: int, tmp: Path) -> None:
     from export.pipeline import export
+    from serve.generate import generate as ort_generate
+    from serve.generate import warmup
     from serve.runtime import OnnxModel
-    from serve.runtime import generate as ort_generate
 
     ckpt, model, tokenizer = random_checkpoint(tmp / "checkpoint", args.layers, args.heads, args.dim, args.block,
                                                vocab=args.vocab, **family(args))
@@ -191,7 +192,7 @@ def measure(args, threads: int, tmp: Path) -> None:
     export_s = time.time() - started
     engines = {name: OnnxModel(tmp / "export", threads=threads, variant=v) for name, v in ENGINES}
     for m in engines.values():
-        m.warmup()
+        warmup(m)
 
     def ort(m, p, n=args.new_tokens):
         return (e for e in ort_generate(m, tokenizer.decode(p), n, greedy))

@@ -75,7 +75,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
 
 LOAD = """
 import json, sys, time
-from serve.runtime import OnnxModel, generate, resident_bytes
+from serve.generate import generate
+from serve.runtime import OnnxModel, resident_bytes
 from gpt.sampling import SamplingParams
 model = OnnxModel(sys.argv[1], variant=sys.argv[2], threads=int(sys.argv[3]))
 loaded = resident_bytes()

@@ -27,9 +27,9 @@ from export.graph import example_inputs
 from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
+from serve.generate import generate as ort_generate
 from serve.manifest import ExportError
 from serve.runtime import OnnxModel
-from serve.runtime import generate as ort_generate
 
 FP32_TOLERANCE = 1e-4  # max |Δlogits| / max |logits|
 QUANTIZED_LOSS_WARNING = 0.05  # nats of validation loss

@@ -50,14 +50,15 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
     """Load the export, check every prompt, warm up, then generate, timing the first token and the rest."""
     from gpt.sampling import SamplingParams
     from serve.batch import validate_request
-    from serve.runtime import OnnxModel, generate
+    from serve.generate import generate, warmup
+    from serve.runtime import OnnxModel
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
     model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model, tf32=args.tf32)
     for prompt in args.prompt:
         validate_request(model.tokenizer, prompt, args.max_new_tokens, MAX_NEW_TOKENS)
     print(f"[{model.describe_load()}]", file=sys.stderr)
-    model.warmup()
+    warmup(model)
     events = generate(model, args.prompt, args.max_new_tokens, params, args.seed, args.stop, limit=MAX_NEW_TOKENS)
     try:
         tokens, first, elapsed = write_text(args.prompt, events)

@@ -13,12 +13,25 @@ Imports no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from serve.runtime import OnnxModel
+
+class OnnxModel(Protocol):
+    """What the cache reads of its model (serve.runtime.OnnxModel, which imports this module: the
+    imports run one way, so the cache names the parts it uses rather than the class)."""
+
+    session: Any  # the onnxruntime InferenceSession
+    device: str
+    block_size: int
+    num_layers: int
+    num_heads: int  # the cache's heads: a llama's key/value heads
+    head_dim: int
+    vocab_size: int
+    cache_dtype: np.dtype
+    input_names: list[str]
+    output_names: list[str]
 
 # Devices where a decode step binds the attention mask once at the cache's full width (see StepBinding)
 FIXED_MASK_DEVICES = {"cpu"}

@@ -5,10 +5,11 @@ of one step is `past_key_values` of the next) stays where the model runs, on the
 and only the last logits come back to the host. The rest of the room:
 
     serve/cache.py     the preallocated cache of the fused graph (CacheBuffers, CacheView)
-    serve/batch.py     sequences and the batches that decode them together (make_batch)
     serve/manifest.py  the export folder's contract, read and checked
+    serve/batch.py     sequences and the batches that decode them together (make_batch)
+    serve/generate.py  generate(): prompts continued by a batch; warmup()
 
-`generate()` continues prompts with a batch; `python -m serve` and the server use it.
+Imports run one way: cache and manifest <- runtime <- scoring <- batch <- generate.
 
 Imports no torch.
 """
@@ -17,14 +18,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpt.sampling import SamplingParams
-from serve.batch import Event, Sequence, make_batch, validate_request
 from serve.cache import CacheBuffers, CacheView
 from serve.manifest import (
     LOGITS_TO_KEEP,
@@ -166,14 +165,6 @@ class OnnxModel:
         per_layer = 2 * self.num_heads * self.block_size * self.head_dim * self.cache_dtype.itemsize
         return slots * self.num_layers * per_layer
 
-    def warmup(self) -> None:
-        """A short batched generation through every code path (prefill, splice, decode, sampling),
-        so the first real request does not pay for initialisation."""
-        batch = make_batch(self, slots=2)
-        batch.add([Sequence([0, 0], 3, SamplingParams(temperature=1.0)), Sequence([0], 3, SamplingParams(greedy=True))])
-        while len(batch):
-            batch.step()
-
     # Cache helpers. A "concat" graph's cache is a list of 2 * num_layers OrtValues, each (B, H, P, D);
     # a "shared" graph's is a CacheView: B slots of preallocated (H, block_size, D) buffers.
     def to_device(self, arrays: Iterable[np.ndarray], length: int | None = None) -> Any:
@@ -233,21 +224,3 @@ def auto_variant(manifest: dict, device: str) -> str:
     files = manifest["files"]
     fused = "fused-fp16" if device == "cuda" else "fused"
     return fused if fused in files else "fp32"
-
-
-def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, params: SamplingParams | None = None,
-             seed: int = 0, stop: list[str] | None = None, limit: int = 100_000) -> Iterator[Event]:
-    """Continue one prompt or a batch of prompts, yielding text as it is generated.
-
-    Every prompt draws from its own random stream seeded with `seed`, so a prompt gives the same
-    text in a batch as alone.
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    params = params or SamplingParams()
-    ids = [validate_request(model.tokenizer, p, max_new_tokens, limit) for p in prompts]
-    batch = make_batch(model, slots=len(ids))
-    batch.add([Sequence(p, max_new_tokens, params, seed, list(stop or []), tag=i) for i, p in enumerate(ids)])
-    while len(batch):
-        yield from batch.emit()  # the text goes out before the next forward pass
-        batch.advance()
-

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gpt.tokenizer import EOT
 from serve.batch import Event
+from serve.generate import warmup
 from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.manifest import VARIANTS
 from serve.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
@@ -361,7 +362,7 @@ def run(argv: list[str] | None = None) -> int:
         model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model,
                           tf32=args.tf32)
         print(model.describe_load(), file=sys.stderr)
-        model.warmup()
+        warmup(model)
     except (ExportError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ from conftest import ROOT, shakespeare, subprocess_env
 from gpt.checkpoint import load_checkpoint
 from gpt.sampling import SamplingParams, log_softmax, penalize
 from serve.evaluate import evaluate, scored_text
-from serve.runtime import OnnxModel, generate
+from serve.generate import generate
+from serve.runtime import OnnxModel
 from serve.scoring import Scorer
 from test_server import complete, start_server
 

@@ -14,8 +14,9 @@ from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
+from serve.generate import generate
 from serve.manifest import DeviceError, ExportError, input_names, output_names, read_manifest
-from serve.runtime import OnnxModel, generate
+from serve.runtime import OnnxModel
 
 
 @pytest.fixture(scope="module", params=["fp32", "fused"])

@@ -12,8 +12,9 @@ from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
 from serve.batch import Sequence, SlotBatch, make_batch
 from serve.cache import CacheBuffers
+from serve.generate import generate
 from serve.manifest import DeviceError, ExportError, read_manifest
-from serve.runtime import OnnxModel, generate
+from serve.runtime import OnnxModel
 
 
 def test_the_fused_graph_is_made_of_fused_ops_and_passed_the_gates(export_dir):

@@ -50,7 +50,7 @@ def llama(path, n_ctx, ids, greedy, **extra) -> dict:
 
 def onnx_greedy(runtime, ids, n):
     from gpt.sampling import SamplingParams
-    from serve.runtime import generate
+    from serve.generate import generate
 
     text = runtime.tokenizer.decode(ids)
     events = list(generate(runtime, text, n, SamplingParams(greedy=True)))

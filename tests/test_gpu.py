@@ -207,7 +207,8 @@ def test_the_parity_grid_on_cuda_with_tf32_off(cuda_runtime, run_dir):
 @needs_ort_cuda
 def test_cuda_generation_equals_cpu_batched_padded_and_joining_mid_decode(cuda_runtime, export_dir):
     from serve.batch import Sequence, make_batch
-    from serve.runtime import OnnxModel, generate
+    from serve.generate import generate
+    from serve.runtime import OnnxModel
 
     cpu = OnnxModel(export_dir, threads=1)
     prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
@@ -257,7 +258,8 @@ def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device
     from export.verify import shared_parity_grid, validation_loss, validation_windows
     from gpt.checkpoint import resolve_checkpoint
     from serve.batch import Sequence, make_batch
-    from serve.runtime import OnnxModel, generate
+    from serve.generate import generate
+    from serve.runtime import OnnxModel
 
     runtime = OnnxModel(fused_fp16_export, device="cuda", variant="auto")
     assert runtime.variant == "fused-fp16" and runtime.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -286,7 +288,8 @@ def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir)
     import requests
 
     from conftest import free_port
-    from serve.runtime import OnnxModel, generate
+    from serve.generate import generate
+    from serve.runtime import OnnxModel
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),

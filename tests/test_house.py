@@ -55,3 +55,24 @@ def test_the_readme_table_answers_where_things_are(question, file, word, marker)
     rows = [line for line in readme.splitlines() if line.startswith("|") and f"`{name}`" in line]
     assert rows and word in rows[0], f"{question}? the README's row for {name} should say"
     assert marker in (ROOT / file).read_text(encoding="utf-8"), f"{question}? not in {file} any more"
+
+
+def test_the_serving_rooms_imports_run_one_way():
+    """cache, manifest <- runtime <- scoring <- batch <- generate: no module of serve/ imports, even for
+    its type hints, one that imports it back (directly or around a longer circle)."""
+    graph = {}
+    for path in sorted((ROOT / "serve").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("serve."):
+                names.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("serve.")}
+        graph[path.stem] = names - {path.stem}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert not circles, f"serve/ modules in an import circle: {circles}"
+    assert "batch" not in graph["runtime"] and "runtime" not in graph["cache"]

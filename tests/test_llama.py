@@ -242,10 +242,10 @@ def llama_export(tmp_path_factory):
 @pytest.mark.slow
 def test_a_llama_exports_through_every_gate_and_serves_as_pytorch_generates(llama_export):
     from gpt.generate import generate as torch_generate
+    from serve.generate import generate as ort_generate
     from serve.manifest import read_manifest
     from serve.playground import parameter_count
     from serve.runtime import OnnxModel
-    from serve.runtime import generate as ort_generate
 
     run, out = llama_export
     manifest = read_manifest(out)
@@ -279,8 +279,8 @@ def test_a_llama_exports_through_every_gate_and_serves_as_pytorch_generates(llam
 @pytest.mark.slow
 def test_onnxruntime_genai_runs_a_llama_export_as_a_llama(llama_export):
     og = pytest.importorskip("onnxruntime_genai")
+    from serve.generate import generate as ort_generate
     from serve.runtime import OnnxModel
-    from serve.runtime import generate as ort_generate
 
     _, out = llama_export
     config = json.loads((out / "genai_config.json").read_text())["model"]

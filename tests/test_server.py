@@ -13,7 +13,8 @@ import requests
 
 from conftest import ROOT, free_port, subprocess_env
 from gpt.sampling import SamplingParams
-from serve.runtime import OnnxModel, generate
+from serve.generate import generate
+from serve.runtime import OnnxModel
 
 
 def start_server(export_dir, *args, **env):
