@@ -137,6 +137,11 @@ class FusedBuilder:
             self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["h.0.x"],
                       axis=0)
             self.make_rotary()
+            c, D = self.config, self.config.head_dim
+            self.const("qkv_split", np.array([c.num_heads * D, c.kv_heads * D, c.kv_heads * D], np.int64))
+            for heads in {c.num_heads, c.kv_heads}:  # make_turned's shapes
+                self.const(f"heads_{heads}", np.array([0, 0, heads, D], np.int64))
+                self.const(f"width_{heads}", np.array([0, 0, heads * D], np.int64))
             self.make_rms_norm("h.0.x", "blocks.0.ln_1", "h.0.ln_1")  # the later ones fuse with the residual add
             return
         self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
@@ -158,9 +163,6 @@ class FusedBuilder:
         self.node("Concat", ["half_angles", "half_angles"], ["angles"], axis=-1)  # (B, T, D)
         self.const("axis_2", np.array([2], np.int64))
         self.const("rotary_halves", np.array([D // 2, D // 2], np.int64))
-        for heads in {self.config.num_heads, self.config.kv_heads}:  # make_turned's shapes
-            self.const(f"heads_{heads}", np.array([0, 0, heads, D], np.int64))
-            self.const(f"width_{heads}", np.array([0, 0, heads * D], np.int64))
         for f in ("Cos", "Sin"):
             self.node(f, ["angles"], [f"{f.lower()}_btd"])
             self.node("Unsqueeze", [f"{f.lower()}_btd", f"axis_{heads_axis}"], [f"{f.lower()}_f32"])
@@ -183,15 +185,19 @@ class FusedBuilder:
         self.node("Div", [x, f"{out}.rms"], [f"{out}.normed"])
         self.node("Mul", [f"{out}.normed", self.ln_params(ln)[0]], [out])
 
-    def make_turned(self, x: str, heads: int, out: str) -> None:
-        """x (B, T, heads·D) turned by its positions' angles, head by head: x·cos + (-x2, x1)·sin."""
-        self.node("Reshape", [x, f"heads_{heads}"], [f"{x}.bthd"])
-        self.node("Split", [f"{x}.bthd", "rotary_halves"], [f"{x}.1", f"{x}.2"], axis=-1)
+    def make_rotate(self, x: str, out: str) -> None:
+        """x (its last axis a head's D) turned by its positions' angles: x·cos + (-x2, x1)·sin."""
+        self.node("Split", [x, "rotary_halves"], [f"{x}.1", f"{x}.2"], axis=-1)
         self.node("Neg", [f"{x}.2"], [f"{x}.neg_2"])
         self.node("Concat", [f"{x}.neg_2", f"{x}.1"], [f"{x}.half_turned"], axis=-1)
-        self.node("Mul", [f"{x}.bthd", "cos"], [f"{x}.cos"])
+        self.node("Mul", [x, "cos"], [f"{x}.cos"])
         self.node("Mul", [f"{x}.half_turned", "sin"], [f"{x}.sin"])
-        self.node("Add", [f"{x}.cos", f"{x}.sin"], [f"{x}.turned"])
+        self.node("Add", [f"{x}.cos", f"{x}.sin"], [out])
+
+    def make_turned(self, x: str, heads: int, out: str) -> None:
+        """x (B, T, heads·D) turned head by head: reshaped to (B, T, heads, D), rotated, reshaped back."""
+        self.node("Reshape", [x, f"heads_{heads}"], [f"{x}.bthd"])
+        self.make_rotate(f"{x}.bthd", f"{x}.turned")
         self.node("Reshape", [f"{x}.turned", f"width_{heads}"], [out])
 
     def make_attention(self, i: int) -> None:
@@ -201,12 +207,9 @@ class FusedBuilder:
         self.make_linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
         qkv = [f"h.{i}.qkv", "", ""]
         if c.arch == "llama":
-            K, D = c.kv_heads, c.head_dim
-            if i == 0:
-                self.const("qkv_split", np.array([H * D, K * D, K * D], np.int64))
             self.node("Split", [f"h.{i}.qkv", "qkv_split"], [f"h.{i}.q", f"h.{i}.k", f"h.{i}.v"], axis=2)
             self.make_turned(f"h.{i}.q", H, f"h.{i}.q_turned")
-            self.make_turned(f"h.{i}.k", K, f"h.{i}.k_turned")
+            self.make_turned(f"h.{i}.k", c.kv_heads, f"h.{i}.k_turned")
             qkv = [f"h.{i}.q_turned", f"h.{i}.k_turned", f"h.{i}.v"]
         self.node("GroupQueryAttention",
                   [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_length"],

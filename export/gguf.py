@@ -57,11 +57,11 @@ def tensor_names(model) -> dict[str, str]:
              "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
     if not model.config.tie_embeddings:
         names["lm_head.weight"] = "output.weight"
-    parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
-             "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
-    if model.config.arch == "llama":
-        parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.proj": "attn_output", "mlp.gate": "ffn_gate",
-                 "mlp.up": "ffn_up", "mlp.proj": "ffn_down"}
+    parts = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.proj": "attn_output", "mlp.proj": "ffn_down"}
+    if model.config.arch == "llama":  # its qkv goes apart (gguf_tensors)
+        parts |= {"mlp.gate": "ffn_gate", "mlp.up": "ffn_up"}
+    else:
+        parts |= {"attn.qkv": "attn_qkv", "mlp.fc": "ffn_up"}
     for i in range(model.config.num_layers):
         for ours, theirs in parts.items():
             for kind in ("weight", "bias"):

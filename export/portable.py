@@ -82,15 +82,6 @@ class PortableBuilder(FusedBuilder):
                              "position_ids"], ["pos"], axis=0)
         self.node("Add", ["tok", "pos"], ["h.0.x"])
 
-    def make_rotate(self, x: str, out: str) -> None:
-        """x (B, heads, T, D) turned by its positions' angles: x·cos + (-x2, x1)·sin."""
-        self.node("Split", [x, "rotary_halves"], [f"{x}.1", f"{x}.2"], axis=-1)
-        self.node("Neg", [f"{x}.2"], [f"{x}.neg_2"])
-        self.node("Concat", [f"{x}.neg_2", f"{x}.1"], [f"{x}.half_turned"], axis=-1)
-        self.node("Mul", [x, "cos"], [f"{x}.cos"])
-        self.node("Mul", [f"{x}.half_turned", "sin"], [f"{x}.sin"])
-        self.node("Add", [f"{x}.cos", f"{x}.sin"], [out])
-
     def make_layer_norm(self, x: str, ln: str, out: str) -> None:
         """LayerNorm `ln` (gpt2), or RMSNorm (llama): x / √(mean(x²) + eps) · w."""
         if self.config.arch == "llama":

@@ -163,7 +163,7 @@ def import_hf(folder: Path, config: ModelConfig | None = None) -> GPT:
     path = weights_path(folder)
     hf = load_file(str(path))
     model = GPT(config)
-    state = llama_state(hf, config, path) if config.arch == "llama" else gpt2_state(hf, path)
+    state = llama_state(hf, path) if config.arch == "llama" else gpt2_state(hf, path)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -178,7 +178,7 @@ LLAMA_LAYER = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "s
 LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def llama_state(hf: dict, config: ModelConfig, path: Path) -> dict:
+def llama_state(hf: dict, path: Path) -> dict:
     """A LlamaForCausalLM state dict in the toolkit's names, q, k and v stacked into one qkv."""
     state, qkv = {}, {}
     for name, tensor in hf.items():

@@ -52,12 +52,7 @@ def head_by_hand(attn: CausalSelfAttention, x: torch.Tensor, head: int,
 def attention_weights(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     """Attention weights of every layer and head for ids (1, T): (L, H, T, T)."""
     model.eval()
-    positions = torch.arange(ids.shape[1], device=ids.device)[None]  # (1, T)
-    x, rope = model.token_embedding(ids), None
-    if model.config.arch == "llama":
-        rope = model.rotary(positions)
-    else:
-        x = x + model.position_embedding(positions)
+    x, rope = model.embed(ids, torch.arange(ids.shape[1], device=ids.device)[None])  # (1, T, C), llama's angles
     layers = []
     for block in model.blocks:
         h = block.ln_1(x)
