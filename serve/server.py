@@ -95,19 +95,27 @@ def seconds_left(request: Request) -> float:
     return max(0.0, request.deadline + DEADLINE_GRACE_S - time.monotonic())
 
 
+# How often a request whose answer is not streamed asks whether its client is still connected
+DISCONNECT_POLL_S = 0.5
+
+
 async def events(request: Request, scheduler: Scheduler, limits: Limits, metrics: ServerMetrics | None = None,
                  disconnected=None) -> AsyncIterator[Event]:
     """The request's events until every sequence has finished; raises RequestError if the loop fails,
     stalls past the deadline, or (when `disconnected` is given) the client goes away."""
     remaining = len(request.sequences)
     timer = RequestTimer(metrics, request)
+    look = time.monotonic() + DISCONNECT_POLL_S  # when to ask whether the client is still there
     try:
         while remaining:
+            if disconnected is not None and time.monotonic() >= look:  # also while tokens keep coming
+                look = time.monotonic() + DISCONNECT_POLL_S
+                if await disconnected():
+                    raise RequestError(499, "client closed the request")
             try:
-                event = await asyncio.wait_for(request.events.get(), timeout=min(0.5, seconds_left(request)))
+                event = await asyncio.wait_for(request.events.get(),
+                                               timeout=min(DISCONNECT_POLL_S, seconds_left(request)))
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
-                    raise RequestError(499, "client closed the request") from None
                 if seconds_left(request) == 0:
                     late = f"the model loop did not finish this request within {limits.max_request_seconds:g} s"
                     raise RequestError(504, late, kind="server_error", code="timeout") from None

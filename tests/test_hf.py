@@ -22,14 +22,19 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """A 2-layer, 32-wide GPT-2 with a 300-token byte-level BPE, as save_pretrained writes it."""
+    """A 2-layer, 32-wide GPT-2 with a 300-token byte-level BPE, as save_pretrained writes it, every tensor
+    random (a fresh GPT-2's biases are 0 and its LayerNorm gains 1: a misplaced one would pass)."""
     text = shakespeare()
     tokenizer = BPETokenizer.train([text[:200_000]], 300)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=tokenizer.vocab_size,
                                      bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    transformers.GPT2LMHeadModel(config).save_pretrained(str(folder))
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 1 else 0.1)
+    model.save_pretrained(str(folder))
     tokenizer.save(folder / "tokenizer.json")
     return folder
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -40,7 +41,7 @@ def start_server(export_dir, *args, **env):
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    proc, url = start_server(export_dir, "--max-batch", "16", "--max-queue", "64", "--max-new-tokens-limit", "256")
+    proc, url = start_server(export_dir, "--max-batch", "16", "--max-queue", "64", "--max-new-tokens-limit", "100000")
     yield url, proc
     proc.terminate()
     proc.wait(timeout=10)
@@ -170,19 +171,21 @@ def test_concurrent_streams_on_the_portable_graph_complete_correctly(export_dir)
 
 BAD = [
     ("not json", {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
-    ("wrong type", {"json": {"prompt": "a", "max_tokens": "ten"}}, 400, "max_tokens"),
+    ("wrong type", {"json": {"prompt": "a", "max_tokens": "ten"}}, 400, "max_tokens: Input should be a valid integer"),
     ("unknown field", {"json": {"prompt": "a", "best_of_everything": 3}}, 400, "unknown field 'best_of_everything'"),
-    ("missing prompt", {"json": {"max_tokens": 3}}, 400, "prompt"),
+    ("missing prompt", {"json": {"max_tokens": 3}}, 400, "prompt: Field required"),
     ("out of vocabulary", {"json": {"prompt": "caf\u00e9"}}, 400, "'\u00e9' at position 3"),
     ("empty prompt", {"json": {"prompt": ""}}, 400, "prompt is empty"),
-    ("max_tokens over limit", {"json": {"prompt": "a", "max_tokens": 100000}}, 400, "max_tokens"),
-    ("max_tokens zero", {"json": {"prompt": "a", "max_tokens": 0}}, 400, "max_tokens"),
-    ("negative temperature", {"json": {"prompt": "a", "temperature": -1}}, 400, "temperature"),
-    ("top_p zero", {"json": {"prompt": "a", "top_p": 0}}, 400, "top_p"),
-    ("top_p over one", {"json": {"prompt": "a", "top_p": 1.5}}, 400, "top_p"),
-    ("n too large", {"json": {"prompt": "a", "n": 1000}}, 400, "n"),
+    ("max_tokens over limit", {"json": {"prompt": "a", "max_tokens": 100001}}, 400,
+     "max_tokens: must be at most 100000"),
+    ("max_tokens zero", {"json": {"prompt": "a", "max_tokens": 0}}, 400, "max_tokens=0 asks for no completion"),
+    ("negative temperature", {"json": {"prompt": "a", "temperature": -1}}, 400,
+     "temperature: Input should be greater than or equal to 0"),
+    ("top_p zero", {"json": {"prompt": "a", "top_p": 0}}, 400, "top_p: Input should be greater than 0"),
+    ("top_p over one", {"json": {"prompt": "a", "top_p": 1.5}}, 400, "top_p: Input should be less than or equal to 1"),
+    ("n too large", {"json": {"prompt": "a", "n": 1000}}, 400, "n: must be at most "),
     ("other model", {"json": {"prompt": "a", "model": "gpt-4"}}, 404, "not served here"),
-    ("oversize body", {"json": {"prompt": "a" * (2 << 20)}}, 413, "over"),
+    ("oversize body", {"json": {"prompt": "a" * (2 << 20)}}, 413, "request body over 1048576 bytes"),
     ("file path as model", {"json": {"prompt": "a", "model": "/etc/passwd"}}, 404, "not served here"),
 ]
 
@@ -198,18 +201,138 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, name, k
     assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 3
 
 
-def test_disconnect_mid_stream_frees_the_slot(server):
+def generated_tokens(url: str) -> float:
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    return float(re.search(r"^gpt_generation_tokens_total (\S+)$", metrics, re.M).group(1))
+
+
+def test_disconnect_mid_stream_frees_the_slot_and_stops_generating(server):
+    """A client that goes away mid-stream is cancelled: its slot is free long before its 100,000 tokens
+    could have been generated (the tiny model makes a few thousand a second on one thread), and no
+    token is generated for it after that."""
     url, _ = server
-    r = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 256, "stream": True},
+    before = generated_tokens(url)
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 100_000, "stream": True},
                       stream=True, timeout=60)
     lines = r.iter_lines()
     next(lines), next(lines)  # a couple of chunks arrive
-    assert requests.get(f"{url}/health").json()["active"] >= 1
+    assert requests.get(f"{url}/health").json()["active"] == 1
     r.close()  # the client goes away mid-generation
-    deadline = time.time() + 10
+    deadline = time.time() + 5
     while requests.get(f"{url}/health").json()["active"] and time.time() < deadline:
         time.sleep(0.05)
-    assert requests.get(f"{url}/health").json()["active"] == 0
+    assert requests.get(f"{url}/health").json()["active"] == 0, "the slot was not freed 5 s after the disconnect"
+    spent = generated_tokens(url) - before
+    assert 2 <= spent < 50_000, spent
+    time.sleep(0.5)
+    assert generated_tokens(url) - before == spent
+
+
+def requests_answered(url: str, status: int) -> float:
+    metrics = requests.get(f"{url}/metrics", timeout=10).text
+    found = re.search(rf'^gpt_requests_total{{status="{status}"}} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_non_streaming_client_that_goes_away_is_counted_499_and_frees_the_slot(server):
+    """The client of a whole (non-streaming) answer closes its connection mid-generation: the server
+    notices while tokens still flow, ends the request as 499 and stops generating for it."""
+    url, _ = server
+    before, answered = generated_tokens(url), requests_answered(url, 499)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "ROMEO:", "max_tokens": 100_000}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(post_head(Content_Length=str(len(body))) + body)
+        deadline = time.time() + 10
+        while generated_tokens(url) - before < 50 and time.time() < deadline:  # it is generating
+            time.sleep(0.02)
+        assert requests.get(f"{url}/health").json()["active"] == 1
+    deadline = time.time() + 5
+    while requests.get(f"{url}/health").json()["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert requests.get(f"{url}/health").json()["active"] == 0, "the slot was not freed 5 s after the disconnect"
+    spent = generated_tokens(url) - before
+    assert spent < 50_000 and requests_answered(url, 499) == answered + 1, (spent, answered)
+
+
+def test_a_request_past_its_time_ends_with_what_it_has_as_length(export_dir):
+    """--max-request-seconds: a request still generating then is retired with finish reason "length"
+    and the tokens it has, not run on to its max_tokens."""
+    from fastapi.testclient import TestClient
+
+    from serve.server import Limits, create_app
+
+    model = OnnxModel(export_dir, threads=1)
+    with TestClient(create_app(model, Limits(max_request_seconds=1.0, max_new_tokens=100_000), "tiny")) as client:
+        started = time.monotonic()
+        r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 100_000})
+        took = time.monotonic() - started
+    body = r.json()
+    assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "length", body
+    assert 0 < body["usage"]["completion_tokens"] < 100_000 and took < 10, (body["usage"], took)
+
+
+def test_a_stuck_model_loop_answers_504_instead_of_a_wait_without_end(export_dir, monkeypatch):
+    """If the model loop stops making progress, a request gets a 504 once its time and the grace are
+    over (the grace is 0 here), naming the limit."""
+    from fastapi.testclient import TestClient
+
+    from serve import server
+    from serve.server import Limits, create_app
+
+    monkeypatch.setattr(server, "DEADLINE_GRACE_S", 0.0)
+    model = OnnxModel(export_dir, threads=1)
+    real_run, release = model.run, threading.Event()
+
+    def stuck(*args, **kwargs):
+        release.wait(30)
+        return real_run(*args, **kwargs)
+
+    model.run = stuck
+    with TestClient(create_app(model, Limits(max_request_seconds=0.5), "tiny")) as client:
+        started = time.monotonic()
+        r = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 5})
+        took = time.monotonic() - started
+        release.set()
+    error = r.json()["error"]
+    assert r.status_code == 504 and error["code"] == "timeout" and took < 5, (r.status_code, error, took)
+    assert error["message"] == "the model loop did not finish this request within 0.5 s"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--max-prompts", "0"], "--max-prompts must be >= 1"),
+    (["--read-timeout", "inf"], "--read-timeout=inf must be a positive number of seconds"),
+    (["--max-request-seconds", "0"], "--max-request-seconds=0.0 must be a positive number of seconds"),
+])
+def test_a_limit_flag_that_makes_no_sense_is_one_line_before_the_model_loads(flags, message, capsys, tmp_path):
+    from serve.server import run
+
+    assert run([str(tmp_path / "no-export-here"), *flags]) == 2  # refused before the folder is read
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_model_id_max_prompts_and_stop_strings(export_dir):
+    """--model-id names the model clients ask for; --max-prompts bounds a request's prompts; stop takes
+    up to 4 non-empty strings."""
+    proc, url = start_server(export_dir, "--model-id", "bard", "--max-prompts", "2")
+    try:
+        assert [m["id"] for m in requests.get(f"{url}/v1/models").json()["data"]] == ["bard"]
+        assert complete(url, prompt="ROMEO:", max_tokens=2, model="bard").status_code == 200
+        other = complete(url, prompt="ROMEO:", max_tokens=2, model=export_dir.name)
+        assert other.status_code == 404 and "this server serves 'bard'" in other.json()["error"]["message"]
+        assert complete(url, prompt=["A", "B"], max_tokens=2).status_code == 200
+        three = complete(url, prompt=["A", "B", "C"], max_tokens=2)
+        assert three.status_code == 400 and "a list of 1 to 2 of them" in three.json()["error"]["message"]
+        for stop in (["a", "b", "c", "d", "e"], [""]):
+            r = complete(url, prompt="ROMEO:", max_tokens=2, stop=stop)
+            assert r.status_code == 400 and r.json()["error"] == {
+                "message": "stop must be up to 4 non-empty strings", "type": "invalid_request_error",
+                "param": "stop", "code": None}, stop
+        assert complete(url, prompt="ROMEO:", max_tokens=2, stop=["a", "b", "c", "d"]).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def rss_kb(pid: int) -> int:
@@ -332,16 +455,37 @@ def chunked(body: bytes, size: int = 1 << 16) -> bytes:
     return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
 
 
+def sent_before_the_answer(url: str, head: bytes, body: bytes, piece: int = 1 << 16) -> tuple[int, bytes]:
+    """Send head and body a piece at a time, looking for an answer after each: (body bytes sent when the
+    server answered or stopped reading, its answer)."""
+    import select
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        sent = 0
+        while sent < len(body):
+            if select.select([s], [], [], 0.005)[0]:
+                break
+            try:
+                s.sendall(body[sent:sent + piece])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(body[sent:sent + piece])
+        return sent, read_all(s)
+
+
 def test_a_chunked_body_is_counted_as_it_arrives(server):
-    url, proc = server
+    """An 8 MB body claiming no length is refused once 1 MB of it has come: the 413 arrives while the
+    client still has most of it to send. A server that read it all, then answered 413, fails."""
+    url, _ = server
     small = json.dumps({"prompt": "ROMEO:", "max_tokens": 3, "seed": 1}).encode()
     ok = raw(url, post_head(Transfer_Encoding="chunked", Connection="close") + chunked(small))
     assert ok.startswith(b"HTTP/1.1 200")
-    before = rss_kb(proc.pid)
-    huge = json.dumps({"prompt": "a" * (8 << 20)}).encode()  # 8 MB, claiming no length
-    answer = raw(url, post_head(Transfer_Encoding="chunked") + chunked(huge))
+    huge = chunked(json.dumps({"prompt": "a" * (8 << 20)}).encode())  # 8 MB
+    sent, answer = sent_before_the_answer(url, post_head(Transfer_Encoding="chunked"), huge)
     assert answer.startswith(b"HTTP/1.1 413") and b"over 1048576 bytes" in answer
-    assert rss_kb(proc.pid) - before < 20 * 1024  # the body was never held whole
+    assert sent < 4 << 20, f"the 413 came after {sent} of {len(huge)} bytes: the body was read whole first"
     assert complete(url, prompt="ROMEO:", max_tokens=3).status_code == 200
 
 
@@ -413,12 +557,25 @@ def test_past_the_connection_cap_the_idle_ones_go_first(strict_server):
             s.close()
 
 
-def test_binds_to_loopback_by_default():
-    from serve.server import run  # noqa: F401  (the default is in the parser)
+def listeners(port: int) -> list[str]:
+    """The local addresses listening on this TCP port, as the kernel lists them (hex, IPv4 and IPv6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.append(local.rsplit(":", 1)[0])
+    return found
 
-    proc = subprocess.run([sys.executable, "-m", "serve.server", "--help"], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0 and "default 127.0.0.1" in proc.stdout
+
+def test_binds_to_loopback_by_default(export_dir):
+    """Started without --host, the server listens on 127.0.0.1 alone: the kernel's socket table says so."""
+    proc, url = start_server(export_dir)
+    try:
+        assert listeners(int(url.rsplit(":", 1)[1])) == ["0100007F"]  # 127.0.0.1, nothing else
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def test_a_failed_model_loop_answers_500_instead_of_hanging(export_dir, capfd):
