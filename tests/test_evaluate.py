@@ -12,11 +12,10 @@ import pytest
 import requests
 import torch
 
-from conftest import ROOT, shakespeare, subprocess_env
+from conftest import ROOT, require, shakespeare, subprocess_env
 from gpt.checkpoint import load_checkpoint
 from gpt.sampling import SamplingParams, log_softmax, penalize
 from serve.evaluate import evaluate, scored_text
-from serve.generate import generate
 from serve.runtime import OnnxModel
 from serve.scoring import Scorer
 from test_server import complete, start_server
@@ -79,13 +78,14 @@ def test_the_fused_graph_scores_as_the_portable_one(export_dir):
     assert [t[0][0] for t in fused.top] == [t[0][0] for t in portable.top]
 
 
-def test_penalties_follow_openai_and_logprobs_come_before_them():
+def test_penalize_is_openais_formula_and_log_softmax_is_pytorchs():
     logits, counts = np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 3.0])
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
     np.testing.assert_allclose(penalize(logits, counts, params), [1.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5])
     with pytest.raises(ValueError, match="frequency_penalty=3"):
         SamplingParams(frequency_penalty=3)
-    np.testing.assert_allclose(np.exp(log_softmax(logits)).sum(), 1.0)
+    wide = np.array([[-1e4, 0.0, 30.0, 1e-3], [5.0, 5.0, 5.0, 5.0]])
+    np.testing.assert_allclose(log_softmax(wide), torch.log_softmax(torch.tensor(wide), -1).numpy(), rtol=1e-12)
 
 
 # --- serve.evaluate ----------------------------------------------------------------------------------
@@ -117,9 +117,24 @@ def test_evaluate_command_scores_every_variant_without_torch(export_dir, text_fi
 
 # --- the API: echo and logprobs are the model's own, and equal serve.evaluate's -----------------------
 
-def test_echo_with_logprobs_gives_what_serve_evaluate_gives(bpe_server, bpe_export_dir, text_file):
-    url, _ = bpe_server
-    report = evaluate(bpe_export_dir, str(text_file), "fp32", log=lambda s: None)["variants"]["fp32"]
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_echo_with_logprobs_gives_what_serve_evaluate_gives(bpe_server, bpe_export_dir, text_file, variant):
+    """The whole text scored over the API (rolling windows past the model's), for the default graph and int4:
+    the same total as serve.evaluate's, which lm-eval is held to below."""
+    if variant == "fp32":
+        url, proc = bpe_server
+    else:
+        proc, url = start_server(bpe_export_dir, "--model", variant)
+    try:
+        _echo_equals_evaluate(url, bpe_export_dir, text_file, variant)
+    finally:
+        if variant != "fp32":
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _echo_equals_evaluate(url, bpe_export_dir, text_file, variant):
+    report = evaluate(bpe_export_dir, str(text_file), variant, log=lambda s: None)["variants"][variant]
     tokenizer = OnnxModel(bpe_export_dir).tokenizer
     ids, _ = scored_text(tokenizer, TEXT)
     assert len(ids) > 4 * 32  # longer than the model's window: scored in rolling windows
@@ -159,17 +174,30 @@ def test_logprobs_are_the_raw_distribution_in_streams_and_whole_responses(server
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
 
 
-def test_penalties_change_the_text_as_the_runtime_does(server, export_dir):
+def penalized_greedy(run_dir, prompt: str, tokens: int, frequency: float, presence: float) -> str:
+    """The reference, written here: PyTorch's logits of the checkpoint the export came from, minus
+    count * frequency + (count > 0) * presence over the tokens generated so far (OpenAI's formula; the
+    prompt does not count), then the most likely token."""
+    model, tokenizer, _ = load_checkpoint(run_dir)
+    ids, out = tokenizer.encode(prompt), []
+    counts = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits = model.eval()(torch.tensor([ids + out])).logits[0, -1].double()
+            token = int((logits - counts * frequency - (counts > 0) * presence).argmax())
+            out.append(token)
+            counts[token] += 1
+    return tokenizer.decode(out)
+
+
+def test_penalties_give_the_text_of_openais_formula_on_pytorchs_logits(server, run_dir):
     url, _ = server
-    runtime = OnnxModel(export_dir, threads=1, variant="auto")
-    params = SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
-    expected = "".join(e.text for e in generate(runtime, "ROMEO:", 40, params, 0))
-    plain = complete(url, prompt="ROMEO:", max_tokens=40, temperature=0).json()["choices"][0]["text"]
-    penalized = complete(url, prompt="ROMEO:", max_tokens=40, temperature=0, frequency_penalty=1.5,
+    expected = penalized_greedy(run_dir, "ROMEO:", 24, 1.5, 0.5)  # 6 + 24 tokens: within the 32 of the window
+    assert penalized_greedy(run_dir, "ROMEO:", 24, 0.0, 0.0) != expected  # the penalties change this text
+    penalized = complete(url, prompt="ROMEO:", max_tokens=24, temperature=0, frequency_penalty=1.5,
                          presence_penalty=0.5).json()["choices"][0]["text"]
-    assert penalized == expected != plain
-    assert len(set(penalized)) > len(set(plain))  # repeating costs more: more distinct characters
-    # the logprobs are the model's, before the penalties (within one window: past it generation refills)
+    assert penalized == expected
+    # the logprobs are the model's, before the penalties
     scored = complete(url, prompt="ROMEO:", max_tokens=20, temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
                       logprobs=0).json()["choices"][0]["logprobs"]["token_logprobs"]
     rescored = complete(url, prompt="ROMEO:" + penalized[:20], max_tokens=0, echo=True, logprobs=0).json()
@@ -300,13 +328,14 @@ metadata:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["fp32", "int4"])
-def test_lm_evaluation_harness_measures_what_serve_evaluate_measures(bpe_export_dir, tmp_path, variant):
+def test_lm_evaluation_harness_measures_what_serve_evaluate_measures(bpe_export_dir, tmp_path):
     """lm-eval's local-completions model (echo, logprobs, the remote tokenizer) runs a loglikelihood_rolling
     task defined here on local text; its bits per byte equal serve.evaluate's. lm-eval keeps one token of
     max_length for generation and one for context, so max_length = block_size + 2 gives its windows
-    block_size tokens to predict, as serve.evaluate's default stride does."""
-    pytest.importorskip("lm_eval")
+    block_size tokens to predict, as serve.evaluate's default stride does. (The quantized graphs score
+    over the API as serve.evaluate scores them: test_echo_with_logprobs_gives_what_serve_evaluate_gives.)"""
+    variant = "fp32"
+    require("lm_eval", "pip install -e '.[eval]'")
     paragraphs = [p for p in TEXT.split("\n\n") if len(p) > 80][:6]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")

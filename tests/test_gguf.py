@@ -1,6 +1,6 @@
 """`--format gguf` against the real llama.cpp (llama-cpp-python, built from source by the test extra):
 the f32 file's logits equal our ONNX fp32 logits, greedy tokens are identical, llama.cpp's own
-tokenizer encodes as ours does, and the quantized types mostly agree. llama.cpp runs in a child
+tokenizer encodes as ours does, and the quantized types score within a stated tolerance. llama.cpp runs in a child
 process (bench.engines): a build that dies of a signal on this host fails the test in one line."""
 
 import importlib.util
@@ -11,17 +11,23 @@ import numpy as np
 import pytest
 
 from bench.engines import EngineCrash, cpu_flags, crash_line, in_child, isa_line
-from conftest import BPE, ROOT, TINY, command, made_once
+from conftest import BPE, REQUIRE_ALL, ROOT, TINY, command, made_once, shakespeare
 from export.gguf import export_gguf
+from gpt.sampling import log_softmax
 from serve.manifest import ExportError
 from serve.runtime import OnnxModel
 
 pytestmark = pytest.mark.slow
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                     reason="needs llama-cpp-python (pip install -e '.[test]')")
+LLAMA_CPP_FIX = "pip install -e '.[test]' with CMAKE_ARGS=\"$(sh .ci/llama-cpp-args)\" (README command 2)"
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None and not REQUIRE_ALL,
+                                     reason=f"llama-cpp-python is missing: {LLAMA_CPP_FIX}")
 LONG = ["--model.block_size=128", "--train.max_iters=60"]  # room for 100 greedy tokens after a prompt
 PROMPTS = {"char": "ROMEO:\nWhat say", "bpe": "ROMEO:\nWhat say you, café señor? 1234"}
 PROMPTS["llama"] = PROMPTS["bpe"]
+# llama.cpp's quantized types against our fp32 graph: the log-probability of each next token of 100 held-out
+# tokens, in nats (mean, max); about 2.5x the worst of the three models here (q8_0 0.0021 / 0.0095, q4_0
+# 0.0328 / 0.197)
+QUANTIZED_TOLERANCE = {"q8_0": (0.006, 0.025), "q4_0": (0.08, 0.5)}
 
 
 KINDS = {"char": [], "bpe": BPE, "llama": [*BPE, "--model.arch=llama", "--model.num_heads=4", "--model.num_kv_heads=2"]}
@@ -76,11 +82,18 @@ def test_the_f32_file_is_our_model_in_llama_cpp(exported):
     assert rel < 1e-3, rel  # llama.cpp's GELU goes through an fp16 table and its KV cache is f16
     assert f32["greedy"] == expected
     assert llama(gguf / "model.f16.gguf", runtime.block_size, ids, n)["greedy"] == expected
-    for quantized in ("q8_0", "q4_0"):
-        got = llama(gguf / f"model.{quantized}.gguf", runtime.block_size, ids, n)["greedy"]
-        agree = sum(a == b for a, b in zip(got, expected)) / n
-        print(f"{kind} {quantized}: {agree:.0%} of {n} greedy tokens as fp32's")
-        assert agree >= (0.5 if quantized == "q8_0" else 0.2), (quantized, agree)
+    # the quantized types: llama.cpp's logits at every prompt position against our fp32 graph's, as
+    # log-probabilities of the tokens that follow (on a barely trained model greedy tokens part at near-ties)
+    held_out = runtime.tokenizer.encode(shakespeare()[-3000:])[:100]
+    reference, _ = runtime.run(np.array([held_out]), np.ones((1, 100), np.int64), np.arange(100)[None],
+                               runtime.empty_cache(1))
+    reference = log_softmax(reference[0])
+    for quantized, bound in QUANTIZED_TOLERANCE.items():
+        theirs = log_softmax(np.array(llama(gguf / f"model.{quantized}.gguf", runtime.block_size, held_out, 0,
+                                            logits=True)["logits"]))
+        gap = np.abs(theirs - reference)[np.arange(99), held_out[1:]]
+        print(f"{kind} {quantized}: {gap.mean():.4f} nats/token from fp32 (max {gap.max():.4f})")
+        assert gap.mean() <= bound[0] and gap.max() <= bound[1], (quantized, gap.mean(), gap.max())
 
 
 def test_a_real_engine_that_dies_of_a_signal_is_one_line_naming_it_the_signal_and_the_cpu():

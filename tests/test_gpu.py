@@ -156,10 +156,21 @@ def test_the_seed_config_in_bf16_reports_speed_memory_and_mfu(tmp_path, fresh_ac
           f"MFU {m['mfu'] if m['mfu'] is None else format(m['mfu'], '.1%')}, peak memory {memory:.2f} GiB, "
           f"val loss {m['val_loss']:.3f} at step 60")
     assert m["tokens_per_s"] > 0 and np.isfinite(m["val_loss"])
+    assert_mfu(m, tmp_path)
+
+
+def assert_mfu(m: dict, out_dir) -> None:
+    """MFU is the model's FLOPs per token at the measured rate over the card's bf16 peak (none for a card
+    whose peak is not known: it is not guessed)."""
     from launch.flops import peak_flops
 
-    if peak_flops(torch.device("cuda"), "bf16") is not None:
-        assert 0 < m["mfu"] < 1
+    peak = peak_flops(torch.device("cuda"), "bf16")
+    if peak is None:
+        assert m["mfu"] is None
+        return
+    model, _, _ = load_checkpoint(out_dir)
+    assert m["mfu"] == pytest.approx(model.flops_per_token() * m["tokens_per_s"] / peak, rel=1e-6)
+    assert 0.001 < m["mfu"] < 1, m["mfu"]
 
 
 # --- onnxruntime on CUDA ---------------------------------------------------------------------------------
@@ -335,7 +346,9 @@ def test_the_bpe_cpu_config_trains_in_bf16_on_cuda(tmp_path, fresh_accelerate):
     m = result.metrics
     print(f"\nshakespeare_bpe_cpu, bf16, 100 steps: {m['tokens_per_s']:,.0f} tokens/s, val {m['val_loss']:.3f} "
           f"nats/token, {m['val_bpb']:.3f} bits/byte")
-    assert np.isfinite(m["val_loss"]) and 0 < m["val_bpb"] < 8
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])  # the step-0 evaluation
+    # it learned: on the CPU in fp32 these 100 steps go from 4.45 to 3.02 bits/byte
+    assert first["step"] == 0 and m["val_bpb"] < min(3.5, 0.8 * first["val_bpb"]), (first, m)
 
 
 def test_gpt2_small_for_a_few_hundred_steps_reports_speed_and_mfu(tmp_path, fresh_accelerate):
@@ -353,3 +366,4 @@ def test_gpt2_small_for_a_few_hundred_steps_reports_speed_and_mfu(tmp_path, fres
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, val {m['val_bpb']:.3f} bits/byte after 200 steps, "
           f"{time.perf_counter() - started:.0f} s")
     assert m["tokens_per_s"] > 0 and np.isfinite(m["val_loss"])
+    assert_mfu(m, tmp_path)

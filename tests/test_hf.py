@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, shakespeare, subprocess_env
+from conftest import ROOT, TINY, require, shakespeare, subprocess_env
 from export.hf import export_hf
 from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
@@ -16,8 +16,9 @@ from gpt.config import ConfigError
 from gpt.hf import import_hf, parity_with_transformers, read_config
 from gpt.tokenizer import BPETokenizer
 from launch.train import main, setup
+from serve.manifest import ExportError
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "pip install -e '.[hf]'")
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,24 @@ def test_a_char_model_is_written_as_gpt2_with_a_byte_level_twin_of_its_vocabular
 def test_read_config_takes_the_shape_from_the_folder(hf_folder):
     c = read_config(hf_folder)
     assert (c.block_size, c.embedding_dim, c.vocab_size, c.bias) == (128, 32, 300, True)
+
+
+def test_a_folder_that_transformers_reads_differently_is_not_written(run_dir, tmp_path, monkeypatch):
+    """The folder as written is loaded by transformers and held to our logits: one tensor off (the final
+    LayerNorm's gain, scaled by 1.01) and the export is refused, nothing published."""
+    from safetensors.torch import load_file, save_file
+
+    import gpt.hf
+
+    real = gpt.hf.export_hf_folder
+
+    def one_tensor_off(model, tokenizer, folder):
+        real(model, tokenizer, folder)
+        weights = load_file(str(folder / "model.safetensors"))
+        weights["transformer.ln_f.weight"] = weights["transformer.ln_f.weight"] * 1.01
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    monkeypatch.setattr(gpt.hf, "export_hf_folder", one_tensor_off)
+    with pytest.raises(ExportError, match=r"^transformers reads the folder differently \(.*'passed': False"):
+        export_hf(run_dir, tmp_path / "off", log=lambda s: None)
+    assert not (tmp_path / "off").exists()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import BPE, TINY, command, genai_greedy, shakespeare
+from conftest import BPE, TINY, command, genai_greedy, require, shakespeare
 from gpt.checkpoint import load_checkpoint
 from gpt.config import ConfigError, ModelConfig, load_run_config
 from gpt.generate import generate, generate_uncached
@@ -117,7 +117,7 @@ def test_llamas_keys_on_a_gpt2_are_refused_and_the_family_sets_the_bias():
 
 # --- Hugging Face in and out ----------------------------------------------------------------------------------
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "pip install -e '.[hf]'")
 
 
 def llama_folder(folder, tokenizer, **changes):
@@ -278,7 +278,7 @@ def test_a_llama_exports_through_every_gate_and_serves_as_pytorch_generates(llam
 
 @pytest.mark.slow
 def test_onnxruntime_genai_runs_a_llama_export_as_a_llama(llama_export):
-    og = pytest.importorskip("onnxruntime_genai")
+    og = require("onnxruntime_genai", "pip install onnxruntime-genai (in the test extra)")
     from serve.generate import generate as ort_generate
     from serve.runtime import OnnxModel
 

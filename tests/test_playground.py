@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -11,16 +10,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT
+from conftest import ROOT, chromium, missing, require
 from test_server import complete, start_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine: apt-get install -y chromium "
-                       "(.ci/run installs it)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the test extra)")
+pytestmark = pytest.mark.slow
+CHROMIUM = chromium() or missing("chromium", "apt-get install -y chromium (.ci/run installs it)")
+sync_api = require("playwright.sync_api", "pip install playwright (in the test extra)")
 
 
 @pytest.fixture(scope="module")
