@@ -4,7 +4,9 @@
     python bench/export.py --shape large         # 36 x 1280 (774M parameters, 2.9 GiB: past protobuf's 2 GB)
     python bench/export.py --shape smollm2-135m  # the Llama family: 30 x 576, 9 heads, 3 key/value heads
     python bench/export.py --optimum-cli /path/to/venv/bin/optimum-cli
+    python bench/export.py --shape smollm2-135m --from-transformers   # the fine-tuning path, one script
 
+A checkpoint
 A checkpoint of that shape with seeded random weights (and a byte-level BPE of exactly the vocabulary's
 size, learned from TinyShakespeare) is made first, outside the timings. Then, each in its own process,
 timed by wall clock and measured by its peak resident memory (getrusage of the child: the largest
@@ -18,6 +20,13 @@ of its processes; the export runs in one, unless a trace is asked for past 64 Mi
               is best installed in a venv of its own: pip install torch==2.13.0 'optimum-onnx[onnxruntime]')
     load      the fused int4 graph opened by serve.runtime.OnnxModel, then 64 greedy tokens: load time,
               resident memory after loading and peak
+
+With --from-transformers the weights start as a user's would: a transformers folder of that shape
+(LlamaConfig or GPT2Config, save_pretrained, with the same BPE's tokenizer.json), made outside the timings.
+Then, timed step by step: `python -m launch` with model.init_from=hf:FOLDER (the import, its parity
+check against transformers, tokenizing TinyShakespeare) and one training step of one window of the
+block's length; the export above of that run's checkpoint; `python -m serve --greedy`, 64 tokens from
+the fused int4 graph.
 
 It prints the machine, the ratios of the same run, and the files each graph is written as.
 """
@@ -89,6 +98,50 @@ print(json.dumps({"load_s": model.load_seconds, "resident": loaded, "rate": rate
 """
 
 
+def transformers_folder(folder: Path, shape: str, vocab: int, family: dict):
+    """A transformers folder of the shape, as save_pretrained writes it, with seeded random weights (their
+    own initialisation) and the bench's BPE as tokenizer.json. Returns its number of parameters."""
+    import torch
+    import transformers
+
+    from bench.common import bench_bpe
+
+    layers, heads, dim, block = SHAPES[shape]
+    tokenizer = bench_bpe(vocab)
+    if family.get("arch") == "llama":  # SmolLM2-135M's config.json, but for the context a CPU fine-tune uses
+        config = transformers.LlamaConfig(
+            hidden_size=dim, intermediate_size=family["intermediate_size"], num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=family["num_kv_heads"], max_position_embeddings=8192,
+            rms_norm_eps=1e-5, rope_theta=family["rope_theta"], vocab_size=vocab, tie_word_embeddings=True,
+            bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
+        model_class = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(n_layer=layers, n_head=heads, n_embd=dim, n_positions=block,
+                                         vocab_size=vocab, bos_token_id=tokenizer.eot_id,
+                                         eos_token_id=tokenizer.eot_id)
+        model_class = transformers.GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save(folder / "tokenizer.json")
+    return sum(p.numel() for p in model.parameters())
+
+
+def fine_tune_one_step(folder: Path, out: Path, block: int, threads: int, env: dict) -> float:
+    """init_from=hf:FOLDER, one step of one window, a checkpoint: the wall time of the whole command."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "configs/finetune_gpt2_shakespeare.yaml", f"--model.init_from=hf:{folder}",
+         f"--model.block_size={block}", "--train.max_iters=1", "--train.batch_size=1",
+         "--train.gradient_accumulation_steps=1", "--train.mixed_precision=no", "--train.device=cpu",
+         f"--train.threads={threads}", "--train.eval_interval=1", "--train.eval_iters=1",
+         "--train.checkpoint_interval=1", f"--train.out_dir={out}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        raise SystemExit(f"init_from and one step failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return time.perf_counter() - started
+
+
 def files_of(folder: Path) -> str:
     manifest = json.loads((folder / "manifest.json").read_text())
     parts = []
@@ -107,20 +160,35 @@ def main() -> None:
     parser.add_argument("--optimum-cli", default=shutil.which("optimum-cli"),
                         help="optimum-cli to compare with (default: the one on PATH; none: skipped)")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    parser.add_argument("--from-transformers", action="store_true",
+                        help="start from a transformers folder: init_from, one training step, the export, generate")
     args = parser.parse_args()
     layers, heads, dim, block = SHAPES[args.shape]
     args.vocab = args.vocab or VOCAB.get(args.shape, 50257)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-export-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     print(machine())
-    ckpt, model, _ = random_checkpoint(work / "checkpoint", layers, heads, dim, block, vocab=args.vocab,
-                                       **FAMILY.get(args.shape, {}))
-    params = sum(p.numel() for p in model.parameters())
-    weights, c = params * 4, model.config
-    del model
-    print(f"{args.shape} shape ({c.arch}, {c.kv_heads} key/value heads, MLP {c.mlp_dim}): {layers} layers x {dim} "
+    if args.from_transformers:
+        family = FAMILY.get(args.shape, {})
+        params = transformers_folder(work / "transformers", args.shape, args.vocab, family)
+        arch, kv_heads = family.get("arch", "gpt2"), family.get("num_kv_heads", heads)
+        mlp = family.get("intermediate_size", 4 * dim)
+    else:
+        ckpt, model, _ = random_checkpoint(work / "checkpoint", layers, heads, dim, block, vocab=args.vocab,
+                                           **FAMILY.get(args.shape, {}))
+        params = sum(p.numel() for p in model.parameters())
+        arch, kv_heads, mlp = model.config.arch, model.config.kv_heads, model.config.mlp_dim
+        del model
+    weights = params * 4
+    print(f"{args.shape} shape ({arch}, {kv_heads} key/value heads, MLP {mlp}): {layers} layers x {dim} "
           f"wide, {heads} heads, block {block}, vocab {args.vocab}: "
           f"{params / 1e6:.0f}M parameters, {weights / 2**30:.2f} GiB in fp32; {args.threads} threads")
+    steps = {}
+    if args.from_transformers:
+        ckpt = work / "run"
+        steps["init_from + 1 step"] = fine_tune_one_step(work / "transformers", ckpt, block, args.threads, env)
+        print(f"init    launch --model.init_from=hf:FOLDER, one step of {block} tokens: "
+              f"{steps['init_from + 1 step']:6.1f} s")
     try:
         ours = run_measured([sys.executable, "-m", "export", str(ckpt), str(work / "onnx"), "--optimize", "--int4",
                              "--force", "--threads", str(args.threads)], env)
@@ -131,6 +199,20 @@ def main() -> None:
               f"({ours[1] / weights:.2f}x the fp32 weights); of which verification {verification:.1f} s")
         print(f"        steps: {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}")
         print(f"        files: {files_of(work / 'onnx')}")
+        if args.from_transformers:
+            steps["export"] = ours[0]
+            started = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "serve", str(work / "onnx"), "--prompt", "ROMEO:", "--greedy",
+                                  "--max-new-tokens", "64", "--model", "fused-int4", "--threads", str(args.threads)],
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
+            steps["generate"] = time.perf_counter() - started
+            if out.returncode:
+                raise SystemExit(out.stderr[-2000:])
+            print(f"serve   python -m serve --greedy, 64 tokens (fused int4): {steps['generate']:6.1f} s "
+                  f"({out.stderr.strip().splitlines()[-1]})")
+            print(f"path    transformers folder -> serve: {sum(steps.values()):6.1f} s in all "
+                  f"({', '.join(f'{k} {v:.1f} s' for k, v in steps.items())}); the export {ours[0]:.1f} s "
+                  f"at {ours[1] / weights:.2f}x the weights' size (goals: <= 100 s, <= 3x)")
         hf = run_measured([sys.executable, "-m", "export", str(ckpt), str(work / "hf"), "--format", "hf", "--force"],
                           env)
         print(f"hf      export --format hf: {hf[0]:6.1f} s, peak RSS {hf[1] / 2**30:.2f} GiB")
