@@ -284,8 +284,8 @@ gaps = {}
 for dropout in (0.0, 0.2):
     r = train(f"dropout{dropout}", f"--data.path={small}", "--data.val_fraction=0.25", "--model.block_size=64",
               "--model.embedding_dim=64", f"--model.dropout={dropout}", "--train.batch_size=32",
-              "--train.max_iters=400", "--train.eval_interval=400", "--train.checkpoint_interval=400",
-              "--train.log_interval=400", "--train.eval_iters=8")
+              "--train.max_iters=250", "--train.eval_interval=250", "--train.checkpoint_interval=250",
+              "--train.log_interval=250", "--train.eval_iters=8")
     gaps[dropout] = r.metrics["val_loss"] - r.metrics["eval_train_loss"]
     print(f"dropout {dropout}: train {r.metrics['eval_train_loss']:.3f}, val {r.metrics['val_loss']:.3f}, "
           f"gap {gaps[dropout]:.3f}")"""),
