@@ -30,17 +30,15 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None,
                 references: dict[str, float] | None = None) -> Path:
     """Train and validation loss against step; `references` draws labelled horizontal lines (say
     {"ln V: uniform guess": 4.17, "bigram": 2.49}) to read the curve against."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, and a second less at the end of a run
 
     records = read_metrics(run_dir)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     evals = [(r["step"], r["eval_train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not evals:
         raise ValueError(f"{run_dir}/metrics.jsonl has no losses yet: plot after the first log interval")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), color="tab:blue", alpha=0.35, linewidth=1, label="train loss (each log interval)")
     if evals:
@@ -68,7 +66,6 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None,
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "loss.png"
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
