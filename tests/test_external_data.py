@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import shakespeare, within_tolerance_of_fp32
+from conftest import TINY, command, shakespeare, within_tolerance_of_fp32
 from export import onnxfile
 from export.graph import trace
 from export.pipeline import export
@@ -114,6 +114,21 @@ def test_every_variant_takes_the_external_data_path(run_dir, tmp_path):
         within_tolerance_of_fp32(dest, variant, shakespeare()[-2000:-1600])  # read from the .data files
     assert sorted(p.name for p in dest.iterdir() if not p.name.endswith((".onnx", ".onnx.data"))) == [
         "manifest.json", "tokenizer.json"]
+
+
+def test_a_llama_takes_the_external_data_path_too(tmp_path):
+    """The Llama family past a 0-byte threshold: each graph, portable and fused, fp32 and int4, is its file and
+    one .data file, and scores held-out text within its tolerance of fp32."""
+    run = tmp_path / "run"
+    command("launch", str(TINY), f"--train.out_dir={run}", "--train.max_iters=20", "--model.arch=llama",
+            "--model.num_kv_heads=2")
+    manifest = export(run, tmp_path / "out", int4=True, optimize=True, external_data_above=0, eval_tokens=256,
+                      log=lambda s: None)
+    for variant in ("fp32", "fused", "int4", "fused-int4"):
+        name = manifest["files"][variant]
+        assert (tmp_path / "out" / f"{name}.data").is_file(), variant
+        if variant != "fp32":
+            within_tolerance_of_fp32(tmp_path / "out", variant, shakespeare()[-2000:-1600])
 
 
 def test_a_big_model_is_traced_in_a_process_of_its_own_and_released_before_the_gates(run_dir, tmp_path, monkeypatch):

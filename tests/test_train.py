@@ -64,9 +64,10 @@ def test_existing_checkpoints_are_never_overwritten(tmp_path, fresh_accelerate):
 
 
 MUON = ["--train.optimizer=muon", "--train.gradient_accumulation_steps=2"]
+LLAMA = ["--model.arch=llama", "--model.num_kv_heads=2", *MUON]  # RoPE, RMSNorm, SwiGLU, GQA, with Muon
 
 
-@pytest.mark.parametrize("tokenizer", [[], BPE, MUON], ids=["char", "bpe", "muon"])
+@pytest.mark.parametrize("tokenizer", [[], BPE, MUON, LLAMA], ids=["char", "bpe", "muon", "llama"])
 def test_resume_continues_to_the_same_weights(tmp_path, fresh_accelerate, tokenizer):
     straight = run(tmp_path / "a", "--train.max_iters=40", "--model.dropout=0.1", *tokenizer).model
     # a run folder holding only the step-20 checkpoint of the same run, as a kill after it would leave
