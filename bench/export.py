@@ -6,7 +6,6 @@
     python bench/export.py --optimum-cli /path/to/venv/bin/optimum-cli
     python bench/export.py --shape smollm2-135m --from-transformers   # the fine-tuning path, one script
 
-A checkpoint
 A checkpoint of that shape with seeded random weights (and a byte-level BPE of exactly the vocabulary's
 size, learned from TinyShakespeare) is made first, outside the timings. Then, each in its own process,
 timed by wall clock and measured by its peak resident memory (getrusage of the child: the largest
@@ -45,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, random_checkpoint  # noqa: E402
+from bench.common import bench_bpe, machine, random_checkpoint  # noqa: E402
 
 SHAPES = {"seed": (8, 8, 512, 256), "small": (12, 12, 768, 1024), "medium": (24, 16, 1024, 1024),
           "large": (36, 20, 1280, 1024), "smollm2-135m": (30, 9, 576, 1024)}
@@ -103,8 +102,6 @@ def transformers_folder(folder: Path, shape: str, vocab: int, family: dict):
     own initialisation) and the bench's BPE as tokenizer.json. Returns its number of parameters."""
     import torch
     import transformers
-
-    from bench.common import bench_bpe
 
     layers, heads, dim, block = SHAPES[shape]
     tokenizer = bench_bpe(vocab)
