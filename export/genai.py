@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gpt.tokenizer import EOT
+from gpt.chat import write_chat_fields
+from gpt.tokenizer import EOT, stop_ids
 from serve.manifest import VARIANTS
 
 
@@ -53,10 +54,13 @@ def write_genai_config(folder: Path, manifest: dict, tokenizer) -> dict:
     eot = tokenizer.eot_id
     variant = "fused" if "fused" in manifest["files"] else "fp32"
     config = genai_config(manifest, variant, eot)
+    stops = sorted(stop_ids(tokenizer))
+    if len(stops) > 1:  # a chat model: generation also ends at the end of the assistant's turn
+        config["model"]["eos_token_id"] = stops
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2TokenizerFast", "add_prefix_space": False, **special}, indent=2))
+    write_chat_fields(folder, tokenizer.chat, {"tokenizer_class": "GPT2TokenizerFast", "add_prefix_space": False,
+                                               **special})
     return {"written": True, "files": ["genai_config.json", "tokenizer_config.json", "tokenizer.json"],
             "model": VARIANTS[variant], "past_present_share_buffer": config["search"]["past_present_share_buffer"]}
 

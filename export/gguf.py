@@ -92,13 +92,16 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
 
 
 def vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) for tokenizer.ggml.*: 1 normal, 3 control (<|endoftext|>)."""
+    """(tokens, token types, merges) for tokenizer.ggml.*: 1 normal, 3 control (<|endoftext|>, a chat
+    template's markers)."""
     if isinstance(tokenizer, CharTokenizer):
         try:
             tokens = char_as_byte_level(tokenizer)
         except ValueError as e:
             raise ExportError(str(e)) from None
-        return tokens, [1] * len(tokens), [" ".join(NEVER_MERGED)]  # llama.cpp refuses a BPE without merges
+        specials = tokenizer.special_tokens
+        # llama.cpp refuses a BPE without merges
+        return tokens + specials, [1] * len(tokens) + [3] * len(specials), [" ".join(NEVER_MERGED)]
     data = json.loads(tokenizer.to_json())
     vocab = data["model"]["vocab"]
     tokens = [""] * len(vocab)
@@ -109,7 +112,8 @@ def vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
             tokens.extend([""] * (added["id"] + 1 - len(tokens)))
         tokens[added["id"]] = added["content"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    types = [3 if i == tokenizer.eot_id else 1 for i in range(len(tokens))]
+    control = {tokenizer.eot_id} | {a["id"] for a in data.get("added_tokens", []) if a.get("special")}
+    types = [3 if i in control else 1 for i in range(len(tokens))]
     return tokens, types, merges
 
 
@@ -143,9 +147,15 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, description: str) -
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
+    eos = tokenizer.eot_id
+    if tokenizer.chat is not None:  # llama.cpp's chat completion renders this template, and stops at the turn's end
+        eos = tokenizer.token_id(tokenizer.chat.eos_token)
+        writer.add_chat_template(tokenizer.chat.template)
+        writer.add_eot_token_id(eos)
     if tokenizer.eot_id is not None:
         writer.add_bos_token_id(tokenizer.eot_id)
-        writer.add_eos_token_id(tokenizer.eot_id)
+    if eos is not None:
+        writer.add_eos_token_id(eos)
     writer.add_add_bos_token(False)
     written = {}
     for theirs, array in gguf_tensors(model).items():

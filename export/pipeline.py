@@ -158,7 +158,10 @@ def describe(config: ModelConfig, tokenizer, meta: dict, folder: Path, which: st
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": asdict(config),
         "tokenizer": {"kind": tokenizer.kind, "file": "tokenizer.json", "sha256": tokenizer_sha256(tokenizer),
-                      "eot_id": tokenizer.eot_id},
+                      "eot_id": tokenizer.eot_id,
+                      "chat": {"file": "tokenizer_config.json", "eos_token": tokenizer.chat.eos_token,
+                               "eos_token_id": tokenizer.token_id(tokenizer.chat.eos_token)}
+                      if tokenizer.chat is not None else None},
         "inputs": graph["inputs"], "outputs": graph["outputs"], "opset": graph["opset"], "dtype": "float32",
         "files": {}, "graphs": {},
         "export_options": {**options, "exporter": exporter, "torch": torch.__version__,

@@ -27,6 +27,7 @@ from export.graph import example_inputs
 from gpt.generate import generate as torch_generate
 from gpt.model import GPT
 from gpt.sampling import SamplingParams
+from gpt.tokenizer import stop_ids
 from serve.generate import generate as ort_generate
 from serve.manifest import ExportError
 from serve.runtime import OnnxModel
@@ -194,7 +195,7 @@ def greedy_reference(model: GPT, tokenizer, tokens: int = 200) -> dict:
     """PyTorch's greedy continuation of a fixed prompt (ids 1..8 of the vocabulary, decoded)."""
     prompt = tokenizer.decode([i % model.config.vocab_size for i in range(1, 9)])
     ids = tokenizer.encode(prompt)
-    out = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True), eot_id=tokenizer.eot_id))
+    out = list(torch_generate(model, ids, tokens, SamplingParams(greedy=True), stop=stop_ids(tokenizer)))
     return {"prompt": prompt, "tokens": tokens, "generated": out}
 
 
@@ -259,10 +260,17 @@ def validation_windows(checkpoint: Path, block_size: int, tokens: int) -> tuple[
 
     try:
         data = DataConfig(**read_run_config(checkpoint)["data"])
-        corpus = prepare(data)
+        if data.format == "chat":  # the held-out conversations, one after another
+            from gpt.sft import prepare_chat
+            from gpt.tokenizer import load_tokenizer
+
+            rows = prepare_chat(data, block_size, load_tokenizer(checkpoint / "tokenizer.json")).val
+            val = rows.tokens[rows.documents >= 0]
+        else:
+            val = prepare(data).val
     except (CheckpointError, DataError, OSError, TypeError, KeyError) as e:
         return None, f"held-out data unavailable ({str(e).splitlines()[0][:200]})"
-    val, width = corpus.val, min(block_size, EVAL_WINDOW)
+    width = min(block_size, EVAL_WINDOW)
     if len(val) <= width + 1:
         return None, f"held-out split has {len(val)} tokens, too few for one window"
     starts = np.linspace(0, len(val) - width - 1, max(1, tokens // width)).astype(np.int64)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import yaml
 
 from gpt.datasets import DATASETS
+from gpt.typed import RawOverride, build
 
 
 class ConfigError(ValueError):
@@ -126,6 +124,8 @@ class DataConfig:
     tokenizer_sample_mb: int = 256  # bpe: learn from at most this much of the training split
     skip_bad_files: bool = False  # leave out (and count) files that are not UTF-8 or damaged, and bad .jsonl lines
     text_field: str = "text"  # the key (.jsonl) or column (.parquet, .arrow) that holds a document's text
+    format: str = "text"  # text (pretraining) | chat (conversations for fine-tuning: gpt/sft.py)
+    chat_template: str | None = None  # chat: a Jinja template file; default the model's own, else ChatML
 
     def problems(self) -> list[str]:
         out = []
@@ -147,6 +147,13 @@ class DataConfig:
             out.append("data.tokenizer_file is for data.tokenizer=bpe: set that too, or drop the file")
         if self.tokenizer_sample_mb < 1:
             out.append(f"data.tokenizer_sample_mb={self.tokenizer_sample_mb} must be >= 1")
+        if self.format not in ("text", "chat"):
+            out.append(f"data.format={self.format!r} must be text (documents) or chat (conversations)")
+        if self.format == "chat" and self.path is None:
+            out.append("data.path is required for data.format=chat: .jsonl files of {\"messages\": [...]} "
+                       "conversations, e.g. --data.path=chat.jsonl")
+        if self.chat_template is not None and self.format != "chat":
+            out.append("data.chat_template is for data.format=chat: set that too, or drop the template")
         if not isinstance(self.text_field, str) or not self.text_field:
             out.append(f"data.text_field={self.text_field!r} must name the key or column that holds the text")
         return out
@@ -191,6 +198,7 @@ class TrainConfig:
     embedding_weight_decay: float | None = None  # muon: AdamW's decay for embeddings and head; default weight_decay
     scalar_lr: float | None = None  # muon: AdamW's peak lr for LayerNorm gains and biases (never decayed)
     log_with: str = "none"  # none | tensorboard | wandb | mlflow | csv: also log to this tracker (Accelerate's)
+    init_from: str | None = None  # a run folder or checkpoint of ours: start from its weights (fine-tuning)
 
     def problems(self) -> list[str]:
         out = []
@@ -252,83 +260,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def problems(self) -> list[str]:
-        return self.model.problems() + self.data.problems() + self.train.problems()
+        out = self.model.problems() + self.data.problems() + self.train.problems()
+        if self.train.init_from and self.model.init_from:
+            out.append("train.init_from and model.init_from both name a model to start from: keep one")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# --- building dataclasses from plain data, with type checks --------------------------------------
-
-def _type_ok(value: Any, annotation: Any) -> bool:
-    """Whether `value` (from YAML) fits a field annotation such as `int`, `float`, `str | None`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:  # YAML reads `3e-4` as a string and `1` as an int; accept ints
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    return True
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
-
-
-class RawOverride(str):
-    """A command-line override value, parsed once the field it sets (and so its type) is known."""
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Fit YAML's readings to the field: `3e-4` (no dot) reads as a string, `no` as False."""
-    if isinstance(value, RawOverride):
-        parsed = yaml.safe_load(value) if value != "" else None
-        # a string field takes the text as written (`--data.path=null` still clears an optional one)
-        value = str(value) if "str" in _type_name(annotation) and parsed is not None else parsed
-    if isinstance(value, bool) and _type_name(annotation).startswith("str"):
-        return "yes" if value else "no"  # `mixed_precision: no` means the string
-    if isinstance(value, str) and "float" in _type_name(annotation):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if isinstance(value, int) and not isinstance(value, bool) and _type_name(annotation).startswith("float"):
-        return float(value)
-    return value
-
-
-def build(cls: type, data: dict[str, Any], section: str, problems: list[str]) -> Any:
-    """Make a `cls` from `data`, appending a message to `problems` for each bad key or type."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if (section, key) in RENAMED:
-            problems.append(f"{section}.{key} was replaced: {RENAMED[section, key]}")
-            continue
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            problems.append(f"unknown key {section}.{key}{hint}")
-            continue
-        value = _coerce(value, hints[key])
-        if not _type_ok(value, hints[key]):
-            problems.append(f"{section}.{key}={value!r} should be {_type_name(hints[key])}")
-            continue
-        if isinstance(value, float) and not math.isfinite(value):  # nan slips through every comparison
-            problems.append(f"{section}.{key}={value} must be a finite number")
-            continue
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -366,7 +304,7 @@ def run_config_from_dict(data: dict[str, Any], overrides: dict[str, dict[str, An
     if "vocab_size" in merged.get("model", {}):
         problems.append("model.vocab_size comes from the tokenizer: remove it from the config")
         del merged["model"]["vocab_size"]
-    parts = {name: build(cls, merged.get(name, {}), name, problems) for name, cls in SECTIONS.items()}
+    parts = {name: build(cls, merged.get(name, {}), name, problems, RENAMED) for name, cls in SECTIONS.items()}
     config = RunConfig(**parts)
     problems += config.problems()
     if problems:

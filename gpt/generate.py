@@ -6,22 +6,24 @@ window is refilled with its last half (`gpt.sampling.refill_context`), the same 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import torch
 
 from gpt.model import GPT
 from gpt.sampling import SamplingParams, refill_context, sample
+from gpt.tokenizer import stop_ids
 
 
 @torch.inference_mode()
 def generate(
     model: GPT, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
-    eot_id: int | None = None,
+    stop: Collection[int] = (),
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` token ids continuing `prompt` (a non-empty list of ids), ending
-    early after `eot_id` (the tokenizer's end-of-document token), as serving does. Turn the ids into
+    early after a token of `stop` (gpt.tokenizer.stop_ids: the end of a document or of a chat turn), as
+    serving does. Turn the ids into
     text with `tokenizer.stream()`, which hands out only complete characters."""
     if not prompt:
         raise ValueError("prompt is empty: give at least one token")
@@ -37,7 +39,7 @@ def generate(
         for i in range(max_new_tokens):
             token = sample(out.logits[0, -1].float().cpu().numpy(), params, rng)
             yield token
-            if i == max_new_tokens - 1 or token == eot_id:
+            if i == max_new_tokens - 1 or token in stop:
                 break
             context.append(token)
             if len(context) > block:  # the cache is full: keep the last half and prefill it again
@@ -74,8 +76,9 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int, param
     """Continue `prompt`, yielding text as it is generated, a whole character at a time: a byte-level
     token can end inside a UTF-8 character, and the tokenizer's stream decoder holds such bytes back."""
     decoder = tokenizer.stream()
-    for token in generate(model, tokenizer.encode(prompt), max_new_tokens, params, seed, eot_id=tokenizer.eot_id):
-        if token != tokenizer.eot_id:
+    stops = stop_ids(tokenizer)
+    for token in generate(model, tokenizer.encode(prompt), max_new_tokens, params, seed, stop=stops):
+        if token not in stops:
             if piece := decoder.feed(token):
                 yield piece
     if tail := decoder.flush():

@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from gpt.chat import write_chat_fields
 from gpt.config import ModelConfig
 from gpt.files import save_safetensors
 from gpt.model import GPT
-from gpt.tokenizer import EOT, BPETokenizer, Tokenizer, byte_level_twin, load_tokenizer
+from gpt.tokenizer import EOT, BPETokenizer, Tokenizer, byte_level_twin, load_tokenizer, stop_ids
 
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # stored (in, out)
@@ -231,6 +232,7 @@ def export_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     """Write `folder` as transformers writes a GPT2LMHeadModel (arch gpt2) or a LlamaForCausalLM (arch
     llama): config.json, model.safetensors, the tokenizer."""
     c = model.config
+    chat = tokenizer.chat
     if not isinstance(tokenizer, BPETokenizer):  # a char vocabulary, as the byte-level BPE giving the same ids
         try:
             tokenizer = byte_level_twin(tokenizer)
@@ -248,9 +250,12 @@ def export_hf_folder(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(folder / "tokenizer.json")
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT} if eot is not None else {}
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": c.block_size, "add_prefix_space": False,
-         **special}, indent=2))
+    write_chat_fields(folder, chat, {"tokenizer_class": "GPT2TokenizerFast", "model_max_length": c.block_size,
+                                     "add_prefix_space": False, **special})
+    if chat is not None:  # generate() stops at the end of the assistant's turn too
+        stops = sorted(stop_ids(tokenizer))
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": eot, "eos_token_id": stops if len(stops) > 1 else stops[0]}, indent=2))
 
 
 def gpt2_folder(model: GPT) -> tuple[dict, dict]:
@@ -319,7 +324,9 @@ def parity_with_transformers(model: GPT, folder: Path, tokens: int = 100) -> dic
     # n tokens with no end token (ours does not stop either): min_new_tokens would instead forbid the end
     # token, and an argmax that is the end token would then differ
     reference.generation_config.eos_token_id = None
-    hf_greedy = reference.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    # the mask said outright: transformers would otherwise take every id equal to pad_token_id for padding
+    hf_greedy = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)[0, 8:].tolist()
     from gpt.generate import generate
     from gpt.sampling import SamplingParams
 

@@ -24,6 +24,7 @@ corner, which is only right when the queries and keys start at the same position
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -229,6 +230,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> GPTOutput:
         """Logits for every position of `input_ids` (B, T), continuing the cache `past` if given.
 
@@ -237,6 +239,7 @@ class GPT(nn.Module):
             real token when attention_mask is given (so left-padded prompts start at position 0).
         targets: (B, T) next-token ids; the loss ignores targets equal to -100.
         use_cache: return `present`, the cache extended by this call (default: when `past` is given).
+        document_ids: (B, T), packed rows (gpt.sft): each token's document, the only one it attends to.
         """
         B, T = input_ids.shape
         P = 0 if past is None else past[0][0].shape[2]
@@ -256,11 +259,13 @@ class GPT(nn.Module):
 
         # Masking: training (no cache, no padding) uses the fused causal kernel. Otherwise build the
         # mask from positions: key j (of P+T) is visible to query i when j <= P + i, and is real.
-        mask = None
-        if past is not None or attention_mask is not None:
+        visible = None
+        if document_ids is not None:  # packed documents: causal within each, blind to the others
+            visible, position_ids = document_mask(document_ids)  # (B, 1, T, T), (B, T)
+        elif past is not None or attention_mask is not None:
             key_index = torch.arange(P + T, device=device).expand(B, P + T)  # (B, P+T)
             visible = attention_mask_from_positions(key_index[:, P:], key_index, attention_mask)  # (B, 1, T, P+T)
-            mask = additive_mask(visible, self.token_embedding.weight.dtype)
+        mask = None if visible is None else additive_mask(visible, self.token_embedding.weight.dtype)
 
         x, rope = self.embed(input_ids, position_ids)  # (B, T, C), the rotary angles (llama) or None
         present: KVCache = []
@@ -303,6 +308,28 @@ class GPT(nn.Module):
         T = context or c.block_size
         return 6 * self.num_parameters() + 12 * c.num_layers * c.num_heads * c.head_dim * T
 
+    @torch.no_grad()
+    def grow_vocabulary(self, vocab_size: int) -> None:
+        """Make room for tokens added to the tokenizer (a chat template's markers): new rows of the
+        embedding (and of an untied head) start at the mean of the old ones, so a new token begins as
+        an average token rather than as noise that the first steps must undo."""
+        old = self.config.vocab_size
+        if vocab_size == old:
+            return
+        if vocab_size < old:
+            raise ValueError(f"the vocabulary can only grow: {old} -> {vocab_size}")
+        grown = nn.Embedding(vocab_size, self.config.embedding_dim).to(self.token_embedding.weight)
+        grown.weight[:old] = self.token_embedding.weight
+        grown.weight[old:] = self.token_embedding.weight.mean(0)
+        head = nn.Linear(self.config.embedding_dim, vocab_size, bias=False).to(self.lm_head.weight)
+        head.weight[:old] = self.lm_head.weight
+        head.weight[old:] = self.lm_head.weight.mean(0)
+        self.token_embedding = grown
+        self.lm_head = head
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices (Linear and embedding weights), not biases or norm gains."""
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
@@ -331,6 +358,19 @@ def attention_mask_from_positions(
     T, S = query_pos.shape[1], key_pos.shape[1]
     own = torch.arange(S, device=query_pos.device)[None, :] == torch.arange(S - T, S, device=query_pos.device)[:, None]
     return (visible | own[None]).unsqueeze(1)
+
+
+def document_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (several documents one after another): each token sees the earlier tokens of its
+    own document only, and its position counts from where its document starts. (B, 1, T, T) visible,
+    and (B, T) positions."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(-1).values  # (B, T): where each token's document starts
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    return ((index[:, None] >= index[None, :]) & same).unsqueeze(1), index - first
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,11 @@ Both give `encode`, `decode`, `vocab_size`, `eot_id` (the end-of-document token,
 text one at a time and hands out only complete characters: a byte-level token can end in the
 middle of a UTF-8 character.
 
+Special tokens (a chat template's markers, gpt.chat) are ids of their own after the vocabulary:
+`with_special_tokens` adds them, and a text that contains one encodes it as that one id. A
+tokenizer may carry a chat template (`chat`, a gpt.chat.ChatTemplate): it is saved beside
+tokenizer.json in tokenizer_config.json, Hugging Face's place for it, and read back from there.
+
 Imports no torch, so serving can use it.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,13 +37,20 @@ class CharTokenizer:
     kind = "char"
     eot_id = None
 
-    def __init__(self, chars: Iterable[str]):
+    def __init__(self, chars: Iterable[str], special_tokens: Sequence[str] = ()):
         self.chars: list[str] = sorted(set(chars))
         if not self.chars:
             raise ValueError("tokenizer vocabulary is empty: build it from a non-empty text")
         if any(len(c) != 1 for c in self.chars):
             raise ValueError("tokenizer vocabulary entries must be single characters")
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens: list[str] = list(dict.fromkeys(special_tokens))  # ids after the characters
+        if any(len(t) < 2 for t in self.special_tokens):
+            raise ValueError("a special token must be at least two characters (one character is a plain token)")
+        self.special_ids = {t: len(self.chars) + i for i, t in enumerate(self.special_tokens)}
+        self._split = re.compile("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True)))
+                                 + ")") if self.special_tokens else None
+        self.chat = None  # a gpt.chat.ChatTemplate, when the model has one
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -45,13 +58,31 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + len(self.special_tokens)
 
     def unknown(self, text: str) -> list[tuple[int, str]]:
         """(position, character) for each character of `text` outside the vocabulary."""
         return [(i, c) for i, c in enumerate(text) if c not in self.stoi]
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_with_offsets(text)[0] if self._split else self._encode_chars(text)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids, and the character offset in `text` where each one starts."""
+        if not self._split:
+            return self._encode_chars(text), list(range(len(text)))
+        ids, starts, at = [], [], 0
+        for i, piece in enumerate(self._split.split(text)):
+            if i % 2:  # a special token
+                ids.append(self.special_ids[piece])
+                starts.append(at)
+            elif piece:
+                ids += self._encode_chars(piece)
+                starts += range(at, at + len(piece))
+            at += len(piece)
+        return ids, starts
+
+    def _encode_chars(self, text: str) -> list[int]:
         try:
             return [self.stoi[c] for c in text]
         except KeyError:
@@ -64,19 +95,30 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:
-        try:
-            return "".join(self.chars[i] for i in ids)
-        except IndexError:
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self.vocab_size})") from None
+        pieces = self.chars + self.special_tokens
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} out of range [0, {self.vocab_size})")
+        return "".join(pieces[i] for i in ids)
 
     def token_bytes(self) -> list[bytes]:
-        return [c.encode("utf-8") for c in self.chars]
+        return [c.encode("utf-8") for c in self.chars + self.special_tokens]
 
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self.token_bytes())
 
+    def token_id(self, token: str) -> int | None:
+        return self.special_ids.get(token, self.stoi.get(token))
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> CharTokenizer:
+        """This vocabulary, plus each of `tokens` it lacks as a new id at the end."""
+        out = CharTokenizer(self.chars, self.special_tokens + [t for t in tokens if self.token_id(t) is None])
+        out.chat = self.chat
+        return out
+
     def to_dict(self) -> dict:
+        if self.special_tokens:  # version 2: an earlier build would misread the ids, so it refuses the file
+            return {"type": "char", "version": 2, "chars": self.chars, "special_tokens": self.special_tokens}
         return {"type": "char", "version": FORMAT_VERSION, "chars": self.chars}
 
     def to_json(self) -> str:
@@ -84,22 +126,18 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data: dict) -> CharTokenizer:
-        if data.get("type") != "char" or data.get("version") != FORMAT_VERSION:
+        if data.get("type") != "char" or data.get("version") not in (FORMAT_VERSION, 2):
             raise ValueError(
                 f"tokenizer is type={data.get('type')!r} version={data.get('version')!r}; this build reads "
-                f"type='char' version={FORMAT_VERSION}: re-export with this version of gpt"
+                f"type='char' version 1 or 2: re-export with this version of gpt"
             )
-        return cls(data["chars"])
+        return cls(data["chars"], data.get("special_tokens") or ())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> CharTokenizer:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        save_tokenizer(self, path)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and self.chars == other.chars
+        return isinstance(other, CharTokenizer) and self.to_dict() == other.to_dict()
 
 
 class BPETokenizer:
@@ -111,6 +149,7 @@ class BPETokenizer:
         self.tokenizer = tokenizer
         self.eot_id = tokenizer.token_to_id(EOT)
         self._bytes: list[bytes] | None = None
+        self.chat = None  # a gpt.chat.ChatTemplate, when the model has one
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -140,6 +179,25 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids, and the character offset in `text` where each one starts."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [start for start, _ in encoding.offsets]
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> BPETokenizer:
+        """This vocabulary, plus each of `tokens` it lacks as a new special id at the end."""
+        from tokenizers import AddedToken, Tokenizer
+
+        copy = Tokenizer.from_str(self.to_json())
+        copy.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens
+                                 if self.token_id(t) is None])
+        out = BPETokenizer(copy)
+        out.chat = self.chat
+        return out
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once, on all cores."""
@@ -172,7 +230,7 @@ class BPETokenizer:
         return self.tokenizer.to_str()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        save_tokenizer(self, path)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BPETokenizer) and self.to_json() == other.to_json()
@@ -203,7 +261,9 @@ def byte_level_twin(tokenizer: CharTokenizer) -> BPETokenizer:
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    return BPETokenizer(tok)
+    twin = BPETokenizer(tok).with_special_tokens(tokenizer.special_tokens)  # the same ids after the characters
+    twin.chat = tokenizer.chat
+    return twin
 
 
 def tokenizer_from_json(text: str) -> Tokenizer:
@@ -220,7 +280,29 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return tokenizer_from_json(Path(path).read_text(encoding="utf-8"))
+    """tokenizer.json, with the chat template of the tokenizer_config.json beside it (if any)."""
+    from gpt.chat import read_chat_template
+
+    tokenizer = tokenizer_from_json(Path(path).read_text(encoding="utf-8"))
+    tokenizer.chat = read_chat_template(Path(path).parent)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    """tokenizer.json, and the chat template (if any) in tokenizer_config.json beside it."""
+    from gpt.chat import write_chat_fields
+
+    Path(path).write_text(tokenizer.to_json(), encoding="utf-8")
+    if tokenizer.chat is not None:
+        write_chat_fields(Path(path).parent, tokenizer.chat)
+
+
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """The ids that end a generation: the end of a document, and the end of an assistant turn."""
+    out = {tokenizer.eot_id} if tokenizer.eot_id is not None else set()
+    if tokenizer.chat is not None and tokenizer.token_id(tokenizer.chat.eos_token) is not None:
+        out.add(tokenizer.token_id(tokenizer.chat.eos_token))
+    return out
 
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:

@@ -8,7 +8,8 @@
 Which batch a step sees is a function of (seed, step, shard), the learning rate a function of the
 step, and Accelerate saves the optimizer and RNG states, so a run killed at any moment and resumed
 from its last checkpoint ends bit-identical (on CPU) to one never interrupted. The rest of the room:
-launch/environment.py (Accelerator, lock, report), launch/checkpointing.py (the collective save),
+launch/start.py (from scratch, a transformers folder or a run of ours), launch/environment.py
+(Accelerator, lock, report), launch/checkpointing.py (the collective save),
 launch/flops.py (MFU), launch/metrics.py (metrics.jsonl).
 """
 
@@ -27,8 +28,10 @@ import torch
 from gpt.checkpoint import latest_checkpoint, read_meta, read_run_config
 from gpt.config import ConfigError, RunConfig, load_run_config
 from gpt.data import TokenizedCorpus, bits_per_byte, get_batch, prepare, require_windows
+from gpt.datasets import DataError
 from gpt.files import write_atomic
 from gpt.model import GPT
+from gpt.sft import PackedRows, get_rows, prepare_chat
 from launch import TrainingError
 from launch.checkpointing import check_same_data, register_hooks, save_checkpoint
 from launch.console import TrainingConsole
@@ -42,6 +45,7 @@ from launch.environment import (
 from launch.flops import peak_flops
 from launch.metrics import append_metrics, truncate_metrics
 from launch.optim import make_optimizers, set_lr
+from launch.start import base_tokenizer, build_model, take_shape_from_hf, take_shape_from_run
 
 
 def get_lr(step: int, config: RunConfig) -> float:
@@ -63,6 +67,8 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
     config = load_run_config(config_path, overrides)
     if config.model.init_from:
         config = take_shape_from_hf(config)
+    if config.train.init_from:
+        config = take_shape_from_run(config)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
@@ -87,36 +93,6 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
                 "resume with the run's own config, or start a new out_dir"
             )
     return config, start_from
-
-
-def take_shape_from_hf(config: RunConfig) -> RunConfig:
-    """model.init_from=hf:...: the model's shape and the tokenizer come from the transformers folder;
-    the run config keeps its dropout and everything else (and, for a Llama, its block_size: the
-    context it trains on, up to the folder's max_position_embeddings)."""
-    from gpt.hf import HFError, read_config, read_tokenizer, resolve_folder, weights_path
-
-    try:
-        folder = resolve_folder(config.model.init_from)
-        shape = read_config(folder)
-        weights_path(folder)
-        read_tokenizer(folder, shape.vocab_size)
-    except HFError as e:
-        raise ConfigError(str(e)) from None
-    d = config.data
-    tokenizer_file = str(folder / "tokenizer.json")
-    if d.tokenizer_file not in (None, tokenizer_file):
-        raise ConfigError(f"data.tokenizer_file={d.tokenizer_file} differs from the imported model's "
-                          f"{tokenizer_file}: drop it, the model brings its own")
-    block = shape.block_size
-    if shape.arch == "llama":  # rotary positions have no table: train on the run's context, up to the model's
-        if config.model.block_size > shape.block_size:
-            raise ConfigError(f"model.block_size={config.model.block_size} exceeds the imported model's "
-                              f"max_position_embeddings={shape.block_size}: lower it")
-        block = config.model.block_size
-    model = dataclasses.replace(shape, vocab_size=0, dropout=config.model.dropout, init_from=config.model.init_from,
-                                block_size=block)
-    data = dataclasses.replace(d, tokenizer="bpe", tokenizer_file=tokenizer_file)
-    return dataclasses.replace(config, model=model, data=data)
 
 
 # --- main: the Accelerator, data, model and optimizer; then fit -----------------------------------
@@ -174,6 +150,8 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
 
     console = TrainingConsole(t.max_iters, start_step, enabled=accelerator.is_main_process)
     log_start(console, accelerator, config, model_config, report, start_from, start_step, imported)
+    if config.data.format == "chat":
+        console.log(chat_summary(corpus))
     try:
         last = fit(accelerator, model, optimizers, corpus, config, start_step, console, flops_per_token)
     finally:
@@ -194,29 +172,23 @@ def load_corpus(config: RunConfig, start_from: Path | None) -> TokenizedCorpus:
     Every rank calls prepare(): a lock in the cache lets the first one download and tokenize while
     the others wait on the lock, not in a collective, so a long first tokenization cannot run into
     the process group's timeout."""
-    corpus = prepare(config.data)
+    if config.data.format == "chat":
+        corpus = prepare_chat(config.data, config.model.block_size, base_tokenizer(config))
+    else:
+        corpus = prepare(config.data)
+        if config.train.init_from and corpus.tokenizer != base_tokenizer(config):
+            raise ConfigError(f"train.init_from={config.train.init_from} was trained with another vocabulary than "
+                              "this text's: fine-tune a char model on text in its characters, or use "
+                              "data.tokenizer=bpe (the model's own tokenizer.json is then used)")
     if start_from is not None:
         check_same_data(start_from, corpus)
     for split in ("train", "val"):
-        require_windows(corpus.split(split), config.model.block_size, split)
+        if config.data.format == "text":
+            require_windows(corpus.split(split), config.model.block_size, split)
+        elif len(corpus.split(split)) == 0:
+            raise DataError(f"the {split} split holds no conversation ({corpus.stats['splits']}): add conversations, "
+                            "or change data.val_fraction")
     return corpus
-
-
-def build_model(config: RunConfig, model_config, start_from: Path | None, accelerator) -> tuple[GPT, dict | None]:
-    """A fresh model, the same on every rank (seeded), or, fine-tuning, one with imported GPT-2 weights
-    (and the check of that import against transformers, from the main process)."""
-    from accelerate.utils import set_seed
-
-    set_seed(config.train.seed)
-    if not (config.model.init_from and start_from is None):
-        return GPT(model_config), None
-    from gpt.hf import import_hf, parity_with_transformers, resolve_folder
-
-    folder = resolve_folder(config.model.init_from)
-    model = import_hf(folder, model_config)
-    parity = parity_with_transformers(model, folder) if accelerator.is_main_process else {"checked": False}
-    model.train()
-    return model, {"from": str(folder), "parity": parity}
 
 
 def log_start(console: TrainingConsole, accelerator, config: RunConfig, model_config, report: dict,
@@ -239,9 +211,20 @@ def log_start(console: TrainingConsole, accelerator, config: RunConfig, model_co
         p = imported["parity"]
         checked = (f"logits within {p['max_rel_logit_error']:.1e} of transformers', greedy {p['greedy_tokens']} "
                    f"tokens identical: {p['greedy_identical']}" if p.get("checked") else p.get("note", "not compared"))
-        console.log(f"starting from {config.model.init_from} ({imported['from']}): {checked}")
+        source = config.model.init_from or "train.init_from"
+        console.log(f"starting from {source} ({imported['from']}): {checked}")
     else:
         console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
+
+
+def chat_summary(corpus: TokenizedCorpus) -> str:
+    """What fine-tuning learns from: conversations, packed rows, the tokens the loss counts, what was left out."""
+    st = corpus.stats
+    splits = "; ".join(f"{name} {s['conversations']:,} conversations in {s['rows']:,} rows, {s['trained_tokens']:,} of "
+                       f"{s['packed_tokens']:,} tokens learned" for name, s in st["splits"].items())
+    skipped = ", ".join(f"{n} {k}" for k, n in st["skipped"].items()) or "nothing"
+    where = f" (first: {'; '.join(st['skipped_examples'][:3])})" if st["skipped_examples"] else ""
+    return f"chat data: {splits}; left out: {skipped}{where}; a turn ends with {corpus.tokenizer.chat.eos_token}"
 
 
 # --- fit: the loop ---------------------------------------------------------------------------------
@@ -346,11 +329,10 @@ def train_step(accelerator, model, optimizers: list, train_data, config: RunConf
     total = torch.zeros((), device=accelerator.device)
     for micro in range(t.gradient_accumulation_steps):
         shard = micro * world + accelerator.process_index
-        x, y = get_batch(train_data, t.batch_size, block, t.seed, "train", step, shard)
+        batch = draw(train_data, t.batch_size, block, t.seed, "train", step, shard)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = model(x.to(accelerator.device, non_blocking=True),
-                             y.to(accelerator.device, non_blocking=True)).loss
+                loss = model(**{k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -359,6 +341,16 @@ def train_step(accelerator, model, optimizers: list, train_data, config: RunConf
                 optimizer.zero_grad(set_to_none=True)
         total += loss.detach().float()
     return total
+
+
+def draw(data, batch_size: int, block: int, seed: int, split: str, step: int, shard: int,
+         evaluation: bool = False) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for one micro-batch: random windows of text (gpt.data.get_batch),
+    or random packed rows of conversations, learned on the assistant's turns only (gpt.sft.get_rows)."""
+    if isinstance(data, PackedRows):
+        return get_rows(data, batch_size, seed, split, step, shard, evaluation)
+    x, y = get_batch(data, batch_size, block, seed, split, step, shard, evaluation)
+    return {"input_ids": x, "targets": y}
 
 
 @torch.no_grad()
@@ -370,10 +362,10 @@ def validate(model, corpus: TokenizedCorpus, config: RunConfig, accelerator) -> 
     for split in ("train", "val"):
         total = torch.zeros((), device=accelerator.device)
         for i in range(t.eval_iters):
-            x, y = get_batch(corpus.split(split), t.batch_size, block, t.seed, split, i, accelerator.process_index,
-                             evaluation=True)
+            batch = draw(corpus.split(split), t.batch_size, block, t.seed, split, i, accelerator.process_index,
+                         evaluation=True)
             with accelerator.autocast():
-                total += model(x.to(accelerator.device), y.to(accelerator.device)).loss.float()
+                total += model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss.float()
         losses[split] = accelerator.gather_for_metrics((total / t.eval_iters).reshape(1)).mean().item()
     model.train()
     return losses

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gpt.sampling import SamplingParams, penalize, refill_context, sample
-from gpt.tokenizer import StreamDecoder, Tokenizer
+from gpt.tokenizer import StreamDecoder, Tokenizer, stop_ids
 from serve.cache import CacheBuffers, StepBinding
 from serve.scoring import TokenLogprob, logprob_entry
 
@@ -117,7 +117,7 @@ class Sequence:
         token = self.choose(logits, tokenizer)
         if self.decoder is None:
             self.decoder = tokenizer.stream()
-        if token == tokenizer.eot_id:
+        if token in stop_ids(tokenizer):  # the end of the document, or of the assistant's turn
             self.generated.append(token)
             self.finish_reason = "stop"
         else:

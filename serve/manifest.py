@@ -153,6 +153,7 @@ def manifest_tokenizer(export_dir: str | Path, manifest: dict):
     """The export's tokenizer: tokenizer.json, checked against the sha256 the manifest recorded."""
     import hashlib
 
+    from gpt.chat import read_chat_template
     from gpt.tokenizer import CharTokenizer, tokenizer_from_json
 
     if manifest.get("format_version") == 1:
@@ -167,7 +168,9 @@ def manifest_tokenizer(export_dir: str | Path, manifest: dict):
     text = path.read_text(encoding="utf-8")
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != entry.get("sha256"):
         raise ValueError(f"{path} does not match the sha256 the manifest recorded")
-    return tokenizer_from_json(text)
+    tokenizer = tokenizer_from_json(text)
+    tokenizer.chat = read_chat_template(export_dir)  # tokenizer_config.json: a user may add or edit a template
+    return tokenizer
 
 
 def model_path(export_dir: str | Path, manifest: dict, variant: str = "fp32") -> Path:

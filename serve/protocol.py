@@ -100,25 +100,41 @@ class Work:
 
 def decode_request(body: CompletionRequest, model: OnnxModel, limits: Limits, model_id: str) -> Work:
     """Check a parsed body against this server's model and limits; turn its prompts into token ids."""
-    if body.model not in (None, model_id):
-        raise RequestError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
-                           "model", code="model_not_found")
+    check_model(body, model_id)
     if body.max_tokens > limits.max_new_tokens:
         raise RequestError(400, f"max_tokens: must be at most {limits.max_new_tokens}", "max_tokens")
     if body.max_tokens == 0 and not body.echo:
         raise RequestError(400, "max_tokens=0 asks for no completion: use it with echo=true to score the prompt",
                            "max_tokens")
-    if body.n > limits.max_n:
-        raise RequestError(400, f"n: must be at most {limits.max_n}", "n")
     prompts = prompt_list(body.prompt)
     if not prompts or len(prompts) > limits.max_prompts:
         raise RequestError(400, f"prompt must be text, token ids, or a list of 1 to {limits.max_prompts} of them",
                            "prompt")
+    stops, params, seed, include_usage = sampling(body, limits, model_id, len(prompts))
+    try:
+        ids = [validate_request(model.tokenizer, p, body.max_tokens, limits.max_new_tokens, limits.max_prompt_tokens,
+                                allow_zero=True) for p in prompts]
+    except ValueError as e:
+        raise RequestError(400, str(e), "prompt") from None
+    return Work(ids, body.n, body.max_tokens, params, stops, seed, body.stream, body.logprobs, body.echo, include_usage)
+
+
+def check_model(body, model_id: str) -> None:
+    if body.model not in (None, model_id):
+        raise RequestError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
+                           "model", code="model_not_found")
+
+
+def sampling(body, limits: Limits, model_id: str, prompts: int) -> tuple[list[str], SamplingParams, int, bool]:
+    """What completions and chat requests share: n, stop strings, sampling settings, the seed and
+    include_usage, each checked against the limits."""
+    if body.n > limits.max_n:
+        raise RequestError(400, f"n: must be at most {limits.max_n}", "n")
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise RequestError(400, "stop must be up to 4 non-empty strings", "stop")
-    if len(prompts) * body.n > limits.max_queue:  # would never fit, however long the client waited
-        raise RequestError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} sequences, over "
+    if prompts * body.n > limits.max_queue:  # would never fit, however long the client waited
+        raise RequestError(400, f"{prompts} prompt(s) x n={body.n} is {prompts * body.n} sequences, over "
                            f"this server's limit of {limits.max_queue}: send fewer prompts or a smaller n", "n")
     try:
         params = SamplingParams(temperature=body.temperature, top_k=body.top_k,
@@ -126,14 +142,9 @@ def decode_request(body: CompletionRequest, model: OnnxModel, limits: Limits, mo
                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
     except ValueError as e:
         raise RequestError(400, str(e)) from None
-    try:
-        ids = [validate_request(model.tokenizer, p, body.max_tokens, limits.max_new_tokens, limits.max_prompt_tokens,
-                                allow_zero=True) for p in prompts]
-    except ValueError as e:
-        raise RequestError(400, str(e), "prompt") from None
     seed = body.seed if body.seed is not None else secrets.randbits(63)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return Work(ids, body.n, body.max_tokens, params, stops, seed, body.stream, body.logprobs, body.echo, include_usage)
+    return stops, params, seed, include_usage
 
 
 def prompt_list(prompt) -> list:

@@ -10,9 +10,10 @@ A request goes through three steps, each a function that can be read and tested 
     encode_*         events to an OpenAI `text_completion` object, or to server-sent events
                      (serve/protocol.py)
 
-Streaming and non-streaming share the first two. Beside /v1/completions: GET /v1/models, GET /health,
-GET /metrics (serve/metrics.py), and POST /tokenize, POST /detokenize and GET /tokenizer_info in
-vLLM's shape (llama.cpp's `content` is accepted too), which evaluation clients use. FastAPI and
+Streaming and non-streaming share the first two. POST /v1/chat/completions takes the same path
+with messages, rendered by the model's chat template (serve/chat.py). Beside them: GET /v1/models,
+GET /health, GET /metrics (serve/metrics.py), and POST /tokenize, POST /detokenize and GET
+/tokenizer_info in vLLM's shape (serve/tokenize.py), which evaluation clients use. FastAPI and
 uvicorn carry HTTP and validation; serve/guard.py bounds connections, time and bytes; the model
 runs in the scheduler's thread.
 
@@ -25,17 +26,22 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
-from gpt.tokenizer import EOT
 from serve.batch import Event
+from serve.chat import (
+    ChatCompletionRequest,
+    chat_head,
+    decode_chat_request,
+    encode_chat_chunk,
+    encode_chat_response,
+)
 from serve.generate import warmup
 from serve.guard import ConnectionGuard, RequestGuard, error_body
 from serve.manifest import VARIANTS
@@ -63,6 +69,7 @@ from serve.scheduler import (
     Ticket,
     log_error,
 )
+from serve.tokenize import add_tokenizer_routes
 
 
 def make_request(work: Work, limits: Limits) -> Request:
@@ -178,7 +185,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Limits, model_id: str) -> None:
-    """GET /health, /v1/models, /metrics; POST /v1/completions (decode_request → predict → encode_*)."""
+    """GET /health, /v1/models, /metrics; POST /v1/completions (decode_request → predict → encode_*) and
+    /v1/chat/completions (decode_chat_request → predict → encode_chat_*, serve/chat.py)."""
     created = int(time.time())
     metrics: ServerMetrics = app.state.metrics
 
@@ -203,81 +211,70 @@ def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Lim
         request = predict(scheduler, work, limits)
         head = response_head(model_id)
         if work.stream:
-            return StreamingResponse(stream(head, request, work, scheduler, limits, model, metrics),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(stream(request, work, scheduler, limits, metrics, completion_chunks(head, work, model),
+                                       lambda: encode_usage_chunk(head, work, request.sequences)))
         async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
             pass
         # serialized here: FastAPI's generic encoder walks every list of a long logprobs answer
         body = json.dumps(encode_response(head, model.tokenizer, request.sequences, work))
         return Response(body, media_type="application/json")
 
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None  # vLLM's name
-    content: str | None = None  # llama.cpp's name
-    add_special_tokens: bool = False  # accepted: the model has no special tokens to add
-
-
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    tokens: list[int]
-
-
-def add_tokenizer_routes(app: FastAPI, model: OnnxModel, model_id: str) -> None:
-    """POST /tokenize, POST /detokenize, GET /tokenizer_info: the model's own tokenizer over HTTP, as vLLM
-    serves it (lm-evaluation-harness's remote tokenizer uses these); llama.cpp's `content` works too."""
-    tokenizer = model.tokenizer
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        text = body.prompt if body.prompt is not None else body.content
-        if text is None:
-            raise RequestError(400, "give the text to tokenize as 'prompt' (or 'content')", "prompt")
-        tokens = tokenizer.encode(text)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": model.block_size}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
-        if bad:
-            raise RequestError(400, f"token {bad[0]} is not in the vocabulary (0 to {tokenizer.vocab_size - 1})",
-                               "tokens")
-        text = tokenizer.decode(body.tokens)
-        return {"prompt": text, "content": text}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        eot = EOT if tokenizer.eot_id is not None else None
-        return {"tokenizer_class": f"gpt.{tokenizer.kind}", "model": model_id, "vocab_size": tokenizer.vocab_size,
-                "model_max_length": model.block_size, "eos_token": eot, "bos_token": eot, "pad_token": eot}
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        work = decode_chat_request(body, model, limits, model_id)
+        request = predict(scheduler, work, limits)
+        head = chat_head(model_id)
+        if work.stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            return event_stream(stream(
+                request, work, scheduler, limits, metrics,
+                lambda event, first: encode_chat_chunk(head, model.tokenizer, event, work, first),
+                lambda: encode_usage_chunk(chunk_head, work, request.sequences)))
+        async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
+            pass
+        body = json.dumps(encode_chat_response(head, model.tokenizer, request.sequences, work))
+        return Response(body, media_type="application/json")
 
 
-async def stream(head: dict, request: Request, work: Work, scheduler: Scheduler, limits: Limits, model: OnnxModel,
-                 metrics: ServerMetrics) -> AsyncIterator[str]:
-    """A streaming completion's server-sent events, ending with the usage (if asked for) and [DONE], or
-    with an error event once the status line has gone out."""
+def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream(request: Request, work: Work, scheduler: Scheduler, limits: Limits, metrics: ServerMetrics,
+                 encode: Callable[[Event, bool], str], usage_chunk: Callable[[], str]) -> AsyncIterator[str]:
+    """A streaming answer's server-sent events: `encode(event, first)` for each step (first: the
+    sequence's first event), then the usage (if asked for) and [DONE], or an error event once the
+    status line has gone out."""
     pieces = events(request, scheduler, limits, metrics)
-    shifts: dict[int, int] = {}  # id(sequence) -> length of its echoed prompt, sent in its first chunk
+    seen: set[int] = set()
     try:
         async for event in pieces:
-            s = event.sequence
-            prompt = ("", [])
-            if id(s) not in shifts:
-                prompt = prompt_entries(model.tokenizer, s) if work.echo else ("", [])
-                shifts[id(s)] = len(prompt[0])
-            yield encode_chunk(head, event, work, prompt, shifts[id(s)])
+            first = id(event.sequence) not in seen
+            seen.add(id(event.sequence))
+            yield encode(event, first)
     except RequestError as e:
         yield f"data: {json.dumps(error_body(e.message, e.kind, e.param, e.code))}\n\n"
         return
     finally:
         await pieces.aclose()  # a client gone mid-stream frees its slots now, not at garbage collection
     if work.include_usage:
-        yield encode_usage_chunk(head, work, request.sequences)
+        yield usage_chunk()
     yield "data: [DONE]\n\n"
+
+
+def completion_chunks(head: dict, work: Work, model: OnnxModel) -> Callable[[Event, bool], str]:
+    """A completion's chunks: with echo, a sequence's first chunk carries its prompt, and the text
+    offsets of what follows start after it."""
+    shifts: dict[int, int] = {}  # id(sequence) -> length of its echoed prompt
+
+    def encode(event: Event, first: bool) -> str:
+        s = event.sequence
+        prompt = prompt_entries(model.tokenizer, s) if work.echo and first else ("", [])
+        if first:
+            shifts[id(s)] = len(prompt[0])
+        return encode_chunk(head, event, work, prompt, shifts[id(s)])
+    return encode
 
 
 def validation_error(exc: RequestValidationError) -> RequestError:
@@ -312,7 +309,8 @@ def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m serve.server",
         description="Serve an export folder over an OpenAI-compatible HTTP API (POST /v1/completions with "
-        "logprobs and echo, GET /v1/models, GET /health, GET /metrics, POST /tokenize and /detokenize) with "
+        "logprobs and echo, POST /v1/chat/completions for a model with a chat template, GET /v1/models, "
+        "GET /health, GET /metrics, POST /tokenize and /detokenize) with "
         "onnxruntime and continuous batching.",
         epilog="Example: python -m serve.server exports/shakespeare_char_cpu --port 8000",
     )

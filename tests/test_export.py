@@ -14,6 +14,7 @@ from export.pipeline import export
 from gpt.checkpoint import load_checkpoint
 from gpt.generate import generate as torch_generate
 from gpt.sampling import SamplingParams
+from gpt.tokenizer import stop_ids
 from serve.generate import generate
 from serve.manifest import DeviceError, ExportError, input_names, output_names, read_manifest
 from serve.runtime import OnnxModel
@@ -327,7 +328,7 @@ def test_a_bpe_export_passes_the_same_gates_and_carries_its_tokenizer(bpe_export
     prompt = "ROMEO: naïve café — 日本"  # characters the training text never had
     for params in (SamplingParams(greedy=True), SamplingParams(temperature=1.2, top_k=100)):
         n = 2 * model.config.block_size + 3
-        ref = list(torch_generate(model, tokenizer.encode(prompt), n, params, seed=5, eot_id=tokenizer.eot_id))
+        ref = list(torch_generate(model, tokenizer.encode(prompt), n, params, seed=5, stop=stop_ids(tokenizer)))
         events = list(generate(runtime, prompt, n, params, seed=5))
         assert events[-1].sequence.generated == ref
         assert "".join(e.text for e in events) == events[-1].sequence.text

@@ -1,6 +1,6 @@
 import pytest
 
-from gpt.tokenizer import CharTokenizer
+from gpt.tokenizer import CharTokenizer, load_tokenizer
 
 
 def test_round_trip():
@@ -24,7 +24,7 @@ def test_unknown_characters_are_named_with_positions():
 def test_save_and_load(tmp_path):
     tok = CharTokenizer.from_text("hello, world\n")
     tok.save(tmp_path / "tokenizer.json")
-    assert CharTokenizer.load(tmp_path / "tokenizer.json") == tok
+    assert load_tokenizer(tmp_path / "tokenizer.json") == tok
 
 
 def test_version_mismatch_says_what_to_do():
