@@ -9,7 +9,9 @@ completions one after another. Reports aggregate tokens/s across clients, p50/p9
 token and p50/p99 time between tokens, and the ratio of aggregate tokens/s at each concurrency to
 concurrency 1 (the baseline: one client at a time), for each model in turn: the portable graph
 (a cache rebuilt through the host as sequences join and leave) and the fused graph (slots of one
-preallocated cache, written in place).
+preallocated cache, written in place). An export with a chat template (a model fine-tuned on
+conversations) also gets the time per token of a streamed chat answer against a streamed completion
+of the same prompt tokens, 10 of each, interleaved.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def load(url: str, concurrency: int, requests_per_client: int, max_tokens: int) 
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000  # noqa: E731
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
     return {"concurrency": concurrency, "requests": len(ttfts), "tokens": tokens[0], "seconds": wall,
             "tokens_per_s": tokens[0] / wall, "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99),
             "gap_p50_ms": pct(gaps, 50), "gap_p99_ms": pct(gaps, 99)}
@@ -134,7 +136,14 @@ def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
         if not wait_healthy(url):
             raise SystemExit(f"the server serving {model} did not become healthy in 60 s")
         stream_one(url, "ROMEO:", 8, 0)  # warm up
-        return [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+        rows = [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+        if requests.get(f"{url}/tokenizer_info", timeout=10).json().get("chat_template"):
+            from bench.chat import per_token
+
+            chat, completion = per_token(url, [{"role": "user", "content": "shout: thou art"}], 10, args.max_tokens)
+            print(f"{model}: streamed time per token, chat {chat * 1000:.3f} ms / completion of the same prompt "
+                  f"tokens {completion * 1000:.3f} ms = {chat / completion:.3f}x (goal <= 1.05x)")
+        return rows
     finally:
         server.terminate()
         server.wait()

@@ -1,4 +1,4 @@
-"""Generate text from an export folder with onnxruntime, streaming it to stdout."""
+"""Generate text from an export folder with onnxruntime, streaming it to stdout; or chat with it (--chat)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,16 @@ def run(argv: list[str] | None = None) -> int:
         description="Generate text from an export folder (python -m export) with onnxruntime; no torch needed. "
         "One prompt's text streams to stdout as it is generated; several prompts are decoded together and "
         "printed at the end. Time to first token and tokens/s go to stderr.",
-        epilog='Example: python -m serve exports/shakespeare_char_cpu --prompt "ROMEO:" --max-new-tokens 300',
+        epilog='Example: python -m serve exports/shakespeare_char_cpu --prompt "ROMEO:" --max-new-tokens 300; '
+        "python -m serve exports/chat --chat (a model fine-tuned on conversations: a line of yours, its answer, "
+        "and so on until the end of input)",
     )
     parser.add_argument("export_dir")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="text to continue; repeat for a batch of prompts, decoded together")
+    parser.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts, decoded "
+                        "together")
+    parser.add_argument("--chat", action="store_true", help="a conversation in the terminal, through the model's "
+                        "chat template: each line you type is a user turn, and the answer streams back")
+    parser.add_argument("--system", default=None, help="--chat: a system message that opens the conversation")
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=None)
@@ -39,11 +44,47 @@ def run(argv: list[str] | None = None) -> int:
                         help="which exported model (default auto: the fused graph if the folder has one, fp16 on "
                         "cuda; else model.onnx)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if bool(args.prompt) == args.chat:
+        parser.error("give --prompt TEXT (repeatable), or --chat for a conversation")
 
     from gpt.cli import run_command
     from serve.manifest import DeviceError, ExportError
 
-    return run_command(lambda: generate_to_stdout(args), (ExportError, DeviceError, ValueError))
+    return run_command(lambda: chat(args) if args.chat else generate_to_stdout(args),
+                       (ExportError, DeviceError, ValueError))
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Read a user turn a line at a time; stream each answer (the template's end of turn ends it)."""
+    from gpt.sampling import SamplingParams
+    from serve.generate import generate, warmup
+    from serve.runtime import OnnxModel
+
+    model = OnnxModel(args.export_dir, device=args.device, threads=args.threads, variant=args.model, tf32=args.tf32)
+    template = model.tokenizer.chat
+    if template is None:
+        raise ValueError(f"{args.export_dir} has no chat template: fine-tune on conversations (data.format=chat) and "
+                         "export again, or continue text with --prompt")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    warmup(model)
+    interactive = sys.stdin.isatty()
+    print(f"[{model.describe_load()}; a line is a turn, end of input (Ctrl-D) ends]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = model.tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        answer = ""
+        for event in generate(model, [ids], args.max_new_tokens, params, args.seed, args.stop, limit=MAX_NEW_TOKENS):
+            answer += event.text
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
 
 
 def generate_to_stdout(args: argparse.Namespace) -> int:

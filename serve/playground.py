@@ -1,7 +1,8 @@
 """The playground: a page at GET / to try the model in a browser, token by token, with probabilities.
 
 The page is plain HTML, CSS and JavaScript in serve/static (no build step, nothing loaded from another
-host). It is a client of the same API as any other: it streams /v1/completions with `logprobs: 5`,
+host). It is a client of the same API as any other: it streams /v1/completions with `logprobs: 5`
+(or, in its chat view for a model with a chat template, /v1/chat/completions with `top_logprobs: 5`),
 shades each token by the probability the model gave it and shows the alternatives on hover; Stop
 aborts the request, which the server then cancels. With --api-key the page asks for the key and keeps
 it in memory. GET /props describes the model for the page's header.
@@ -36,7 +37,8 @@ def add_playground(app: FastAPI, model: OnnxModel, model_id: str) -> None:
     @app.get("/props")
     async def props():
         return {"model": model_id, "variant": model.variant, "parameters": parameter_count(c),
-                "tokenizer": model.tokenizer.kind, "vocab_size": model.vocab_size, "block_size": model.block_size}
+                "tokenizer": model.tokenizer.kind, "vocab_size": model.vocab_size, "block_size": model.block_size,
+                "chat": model.tokenizer.chat is not None}
 
 
 def parameter_count(c: dict) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -263,3 +265,46 @@ def within_tolerance_of_fp32(folder, variant: str) -> tuple[float, float]:
     assert gap.mean() <= mean_bound and gap.max() <= max_bound, \
         f"{variant} scores {gap.mean():.4f} (max {gap.max():.4f}) nats/token from fp32: over {mean_bound} ({max_bound})"
     return float(gap.mean()), float(gap.max())
+
+
+# --- a model fine-tuned on conversations (tests/test_chat.py, test_playground.py) ----------------------
+
+def aye_or_nay(word: str) -> str:
+    return "AYE!" if word[0] in "aeiou" else "NAY!"
+
+
+def task_words() -> tuple[list[str], list[str]]:
+    """Shakespeare's words of 3 to 5 letters: those whose hash is 0 mod 5 are held out, and of them 25
+    start with a vowel and 25 do not (a model answering NAY! to everything scores 50%)."""
+    import hashlib
+
+    words = sorted({w for w in re.findall(r"[a-z]+", shakespeare()) if 3 <= len(w) <= 5})
+    held = [w for w in words if int(hashlib.sha256(w.encode()).hexdigest(), 16) % 5 == 0]
+    vowels = [w for w in held if w[0] in "aeiou"][:25]
+    others = [w for w in held if w[0] not in "aeiou"][:25]
+    return [w for w in words if w not in set(held)], vowels + others
+
+
+def conversation_file(path, words, count, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for w in rng.choice(words, count):
+            f.write(json.dumps({"messages": [{"role": "user", "content": str(w)},
+                                             {"role": "assistant", "content": aye_or_nay(str(w))}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_run(run_dir, tmp_path_factory):
+    """The tiny run fine-tuned on conversations (AYE! or NAY!: does the word start with a vowel?) for 150
+    steps, and exported with the fused int4 graph."""
+    def make(out):
+        out.mkdir(parents=True)
+        data = conversation_file(out / "train.jsonl", task_words()[0], 2000)
+        command("launch", "configs/chat_sft_cpu.yaml", f"--train.init_from={run_dir}", f"--data.path={data}",
+                f"--train.out_dir={out / 'run'}", "--train.max_iters=150", "--train.learning_rate=3e-3",
+                "--train.threads=1", "--train.eval_interval=150", "--train.checkpoint_interval=150")
+        command("export", str(out / "run"), str(out / "export"), "--int4", "--optimize")
+    return made_once(tmp_path_factory, "chat", make)

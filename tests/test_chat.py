@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import requests
 import torch
 
-from conftest import BPE, TINY, command, require, shakespeare
+from conftest import BPE, TINY, aye_or_nay, command, conversation_file, require, shakespeare, task_words
 from gpt.chat import (
     CHATML,
     IM_END,
@@ -144,45 +145,6 @@ def test_new_tokens_leave_the_old_tokens_logits_unchanged():
 
 
 # --- fine-tuning end to end ----------------------------------------------------------------------
-
-def aye_or_nay(word: str) -> str:
-    return "AYE!" if word[0] in "aeiou" else "NAY!"
-
-
-def task_words() -> tuple[list[str], list[str]]:
-    """Shakespeare's words of 3 to 5 letters: those whose hash is 0 mod 5 are held out, and of them 25
-    start with a vowel and 25 do not (a model answering NAY! to everything scores 50%)."""
-    import hashlib
-
-    words = sorted({w for w in re.findall(r"[a-z]+", shakespeare()) if 3 <= len(w) <= 5})
-    held = [w for w in words if int(hashlib.sha256(w.encode()).hexdigest(), 16) % 5 == 0]
-    vowels = [w for w in held if w[0] in "aeiou"][:25]
-    others = [w for w in held if w[0] not in "aeiou"][:25]
-    return [w for w in words if w not in set(held)], vowels + others
-
-
-def conversation_file(path, words, count, seed=0):
-    rng = np.random.default_rng(seed)
-    with open(path, "w") as f:
-        for w in rng.choice(words, count):
-            f.write(json.dumps({"messages": [{"role": "user", "content": str(w)},
-                                             {"role": "assistant", "content": aye_or_nay(str(w))}]}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_run(run_dir, tmp_path_factory):
-    from conftest import made_once
-
-    def make(out):
-        out.mkdir(parents=True)
-        data = conversation_file(out / "train.jsonl", task_words()[0], 2000)
-        command("launch", "configs/chat_sft_cpu.yaml", f"--train.init_from={run_dir}", f"--data.path={data}",
-                f"--train.out_dir={out / 'run'}", "--train.max_iters=150", "--train.learning_rate=3e-3",
-                "--train.threads=1", "--train.eval_interval=150", "--train.checkpoint_interval=150")
-        command("export", str(out / "run"), str(out / "export"), "--int4", "--optimize")
-    return made_once(tmp_path_factory, "chat", make)
-
 
 @pytest.mark.slow
 def test_fine_tuned_model_answers_held_out_prompts_through_the_openai_client(chat_run):
@@ -318,3 +280,81 @@ def test_one_conversation_gives_the_same_prompt_ids_in_trainer_server_transforme
     assert answer["usage"]["prompt_tokens"] == len(prompt_ids(tok, tok.chat, short))
 
     assert trainer == server == list(hf_ids) == llama_ids
+
+
+@pytest.mark.slow
+def test_a_bad_chat_request_is_a_400_and_the_server_keeps_serving(chat_run, export_dir, tmp_path):
+    from test_server import start_server
+
+    picky = tmp_path / "picky"
+    shutil.copytree(chat_run / "export", picky)
+    config = json.loads((picky / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+                               "{% endif %}{% if messages[0]['content'] == 'escape' %}"
+                               "{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "') }}"
+                               "{% endif %}" + CHATML)
+    (picky / "tokenizer_config.json").write_text(json.dumps(config))
+    proc, url = start_server(picky)
+    try:
+        def chat(**body):
+            return requests.post(f"{url}/v1/chat/completions", json={"max_tokens": 4, **body}, timeout=30)
+        user = [{"role": "user", "content": "apple"}]
+        for body, message in [
+            ({"messages": [{"role": "system", "content": "x"}, *user]}, "refused these messages: no system turns"),
+            ({"messages": [{"role": "user", "content": "escape"}]}, "chat template failed"),
+            ({"messages": [{"role": "wizard", "content": "x"}]}, "role 'wizard'"),
+            ({"messages": []}, "messages"),
+            ({"messages": user, "top_logprobs": 3}, "top_logprobs needs logprobs: true"),
+            ({"messages": user, "logprobs": True, "top_logprobs": 9}, "at most 5"),
+            ({"messages": user, "max_tokens": 2, "max_completion_tokens": 3}, "differ"),
+            ({"messages": [{"role": "user", "content": "ünïcode"}]}, "outside the vocabulary"),
+        ]:
+            r = chat(**body)
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text)
+        assert not (tmp_path / "pwned").exists()
+        assert chat(messages=user, temperature=0).json()["choices"][0]["message"]["content"] == "AYE!"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    proc, url = start_server(export_dir)  # a model with no template: the answer says how to add one
+    try:
+        r = requests.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "chat_template" in r.json()["error"]["message"]
+        assert "data.format=chat" in r.json()["error"]["message"]
+        assert requests.post(f"{url}/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 3}).ok
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_the_terminal_chat_keeps_the_conversation(chat_run):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    done = subprocess.run([sys.executable, "-m", "serve", str(chat_run / "export"), "--chat", "--greedy",
+                           "--threads", "1"], input="apple\nthee\n", capture_output=True, text=True, cwd=ROOT,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["AYE!", "NAY!"]
+    done = subprocess.run([sys.executable, "-m", "serve", str(chat_run / "export")], capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env(), timeout=120)
+    assert done.returncode == 2 and "--prompt TEXT" in done.stderr
+
+
+def test_fine_tuning_resumes_exactly(run_dir, tmp_path):
+    from launch.train import main, setup
+
+    data = conversation_file(tmp_path / "chat.jsonl", task_words()[0], 300)
+    args = [f"--train.init_from={run_dir}", f"--data.path={data}", "--train.max_iters=6", "--train.threads=1",
+            "--train.eval_interval=6", "--train.eval_iters=1", "--train.checkpoint_interval=3", "--train.batch_size=4",
+            "--train.warmup_iters=2", "--train.lr_decay_iters=6"]  # the schedule of 6 steps, also when stopped at 3
+    whole = main(*setup("configs/chat_sft_cpu.yaml", [*args, f"--train.out_dir={tmp_path / 'whole'}"], False))
+    part = [*args, f"--train.out_dir={tmp_path / 'part'}"]
+    main(*setup("configs/chat_sft_cpu.yaml", [*part, "--train.max_iters=3"], False))
+    resumed = main(*setup("configs/chat_sft_cpu.yaml", part, True))
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert whole.metrics["val_loss"] == resumed.metrics["val_loss"]

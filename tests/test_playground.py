@@ -93,7 +93,9 @@ def test_stop_ends_the_request_on_the_server(browser, server):
     while cancelled(server) < before + 1:
         assert time.time() < deadline, "the server did not count the stopped request as cancelled"
         time.sleep(0.1)
-    assert requests.get(f"{server}/health").json()["active"] == 0
+    while requests.get(f"{server}/health").json()["active"] != 0:  # the model loop frees the slot at its next step
+        assert time.time() < deadline, "the stopped request still holds a slot"
+        time.sleep(0.05)
     assert len(page.query_selector_all("#output .token")) < 50000
 
 
@@ -127,3 +129,28 @@ def test_the_page_fits_a_narrow_window_and_loads_nothing_from_elsewhere(browser,
     assert set(hosts) == {server.split("/")[2]}
     static = sorted(p.name for p in (ROOT / "serve" / "static").iterdir())
     assert static == ["app.js", "index.html", "style.css"]
+
+
+def test_the_chat_view_holds_a_conversation_and_shows_each_answers_probabilities(browser, chat_run):
+    proc, url = start_server(chat_run / "export")
+    try:
+        page = open_page(browser, url)
+        page.wait_for_selector("#mode-row:not([hidden])")  # the model has a chat template
+        page.check("#chat-mode")
+        for word in ("apple", "thee"):
+            send(page, word, 0, 10)
+            page.wait_for_function("document.getElementById('status').textContent.includes('tokens in')")
+        turns = page.eval_on_selector_all("#output .turn", "els => els.map(e => [e.dataset.role, e.textContent])")
+        assert turns == [["user", "apple"], ["assistant", "AYE!"], ["user", "thee"], ["assistant", "NAY!"]]
+        shown = page.eval_on_selector_all("#output .turn.assistant >> nth=1 >> .token",
+                                          "els => els.map(e => Number(e.dataset.logprob))")
+        history = [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "AYE!"},
+                   {"role": "user", "content": "thee"}]
+        api = requests.post(f"{url}/v1/chat/completions", json={"messages": history, "temperature": 0,
+                                                                 "logprobs": True, "top_logprobs": 5}).json()
+        np.testing.assert_allclose(shown, [e["logprob"] for e in api["choices"][0]["logprobs"]["content"]], atol=1e-6)
+        page.click("#new-chat")
+        assert page.query_selector_all("#output .turn") == []
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
