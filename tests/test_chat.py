@@ -358,3 +358,24 @@ def test_fine_tuning_resumes_exactly(run_dir, tmp_path):
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert whole.metrics["val_loss"] == resumed.metrics["val_loss"]
+
+
+def test_a_hugging_face_chat_table_is_read_as_jsonl_is(tmp_path, run_dir):
+    pq = require("pyarrow.parquet", 'pip install -e ".[corpora]"')
+    import pyarrow as pa
+
+    from launch.train import load_corpus, setup
+
+    convs = [[{"role": "user", "content": w}, {"role": "assistant", "content": aye_or_nay(w)}]
+             for w in task_words()[0][:60]]
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "train-00000.parquet")
+    with open(tmp_path / "same.jsonl", "w") as f:
+        f.writelines(json.dumps({"messages": c}) + "\n" for c in convs)
+    seen = {}
+    for name in ("train-00000.parquet", "same.jsonl"):
+        data, out = tmp_path / name, tmp_path / "runs" / name
+        args = [f"--train.init_from={run_dir}", f"--data.path={data}", f"--train.out_dir={out}"]
+        config, _ = setup("configs/chat_sft_cpu.yaml", args, resume=False)
+        corpus = load_corpus(config, None)
+        seen[name] = sorted(map(tuple, np.concatenate([corpus.train.tokens, corpus.val.tokens]).tolist()))
+    assert seen["train-00000.parquet"] == seen["same.jsonl"] and len(seen["same.jsonl"]) >= 30

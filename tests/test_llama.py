@@ -4,6 +4,7 @@ training, import and export."""
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -293,3 +294,36 @@ def test_onnxruntime_genai_runs_a_llama_export_as_a_llama(llama_export):
     theirs = genai_greedy(model, ids, n)
     ours = list(ort_generate(runtime, prompt, n, SamplingParams(greedy=True)))[-1].sequence.generated
     assert len(ours) >= 10 and theirs[:len(ours)] == ours
+
+
+def test_a_llama_from_transformers_fine_tunes_on_conversations_with_its_own_template(tmp_path, hf_llama, tokenizer):
+    """A folder that brings its chat template (as SmolLM2's does) keeps it; the template's markers it
+    lacks become new ids (the untied head grows too), and transformers reads back the same prompt ids
+    and logits."""
+    from conftest import conversation_file, task_words
+    from gpt.chat import prompt_ids
+
+    folder = tmp_path / "with-template"
+    shutil.copytree(hf_llama, folder)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": template, "eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}))
+    data = conversation_file(tmp_path / "chat.jsonl", task_words()[0], 100)
+    run = tmp_path / "run"
+    command("launch", "configs/chat_sft_cpu.yaml", f"--model.init_from=hf:{folder}", f"--data.path={data}",
+            f"--train.out_dir={run}", "--train.max_iters=3", "--train.eval_interval=3", "--train.eval_iters=1",
+            "--train.checkpoint_interval=3", "--model.block_size=48")
+    model, tuned_tokenizer, _ = load_checkpoint(run)
+    assert tuned_tokenizer.chat.template == template
+    assert model.config.vocab_size == tokenizer.vocab_size + 2  # <|im_start|> and <|im_end|>
+    out = tmp_path / "hf-out"
+    command("export", str(run), str(out), "--format", "hf")
+    messages = [{"role": "user", "content": "thou"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert ids == prompt_ids(tuned_tokenizer, tuned_tokenizer.chat, messages)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    x = torch.tensor([ids])
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
