@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpt.chat import ConversationError, TemplateError, check_messages
 from gpt.tokenizer import Tokenizer, stop_ids
 from serve.batch import Event, Sequence, validate_request
-from serve.protocol import MAX_LOGPROBS, RequestError, StreamOptions, Work, check_model, sampling, usage
+from serve.protocol import MAX_LOGPROBS, RequestError, SamplingRequest, Work, check_model, sampling, usage
 from serve.runtime import OnnxModel
 from serve.scheduler import Limits
 from serve.scoring import TokenLogprob
@@ -36,27 +36,14 @@ class Message(BaseModel):
     name: str | None = None  # accepted and ignored, as by most servers
 
 
-class ChatCompletionRequest(BaseModel):
-    """The OpenAI chat completions request this server understands; any other field is an error."""
+class ChatCompletionRequest(SamplingRequest):
+    """The OpenAI chat completions request this server understands (decode_chat_request checks it)."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # the older name of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
     response_format: dict | None = None  # only {"type": "text"}, the default
 
 
@@ -79,7 +66,7 @@ def decode_chat_request(body: ChatCompletionRequest, model: OnnxModel, limits: L
     if max_tokens > limits.max_new_tokens:
         raise RequestError(400, f"max_completion_tokens: must be at most {limits.max_new_tokens}",
                            "max_completion_tokens")
-    stops, params, seed, include_usage = sampling(body, limits, model_id, prompts=1)
+    stops, params, seed, include_usage = sampling(body, limits, prompts=1)
     try:
         ids = tokenizer.encode(render_messages(tokenizer, body.messages, True))
     except ValueError as e:  # a character the vocabulary lacks

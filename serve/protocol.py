@@ -41,14 +41,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request this server understands; any other field is an error.
-    Bounds that depend on the server's limits are checked by decode_request."""
+class SamplingRequest(BaseModel):
+    """What OpenAI's completions and chat completions requests share; any field not named is an error.
+    Bounds that depend on the server's limits are checked by `sampling`."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
@@ -57,11 +55,18 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as by OpenAI's server
+
+
+class CompletionRequest(SamplingRequest):
+    """The OpenAI completions request this server understands (decode_request checks it)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
 class RequestError(Exception):
@@ -110,7 +115,7 @@ def decode_request(body: CompletionRequest, model: OnnxModel, limits: Limits, mo
     if not prompts or len(prompts) > limits.max_prompts:
         raise RequestError(400, f"prompt must be text, token ids, or a list of 1 to {limits.max_prompts} of them",
                            "prompt")
-    stops, params, seed, include_usage = sampling(body, limits, model_id, len(prompts))
+    stops, params, seed, include_usage = sampling(body, limits, len(prompts))
     try:
         ids = [validate_request(model.tokenizer, p, body.max_tokens, limits.max_new_tokens, limits.max_prompt_tokens,
                                 allow_zero=True) for p in prompts]
@@ -125,7 +130,8 @@ def check_model(body, model_id: str) -> None:
                            "model", code="model_not_found")
 
 
-def sampling(body, limits: Limits, model_id: str, prompts: int) -> tuple[list[str], SamplingParams, int, bool]:
+def sampling(body: SamplingRequest, limits: Limits,
+             prompts: int) -> tuple[list[str], SamplingParams, int, bool]:
     """What completions and chat requests share: n, stop strings, sampling settings, the seed and
     include_usage, each checked against the limits."""
     if body.n > limits.max_n:

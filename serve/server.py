@@ -205,35 +205,32 @@ def add_routes(app: FastAPI, scheduler: Scheduler, model: OnnxModel, limits: Lim
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest):
-        work = decode_request(body, model, limits, model_id)
+    async def answer(work: Work, chunk: Callable[[Event, bool], str], chunk_head: dict,
+                     whole: Callable[[list], dict], http: HTTPRequest) -> Response:
+        """Predict, then stream the chunks and the usage, or wait and send the whole answer."""
         request = predict(scheduler, work, limits)
-        head = response_head(model_id)
         if work.stream:
-            return event_stream(stream(request, work, scheduler, limits, metrics, completion_chunks(head, work, model),
-                                       lambda: encode_usage_chunk(head, work, request.sequences)))
+            return event_stream(stream(request, work, scheduler, limits, metrics, chunk,
+                                       lambda: encode_usage_chunk(chunk_head, work, request.sequences)))
         async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
             pass
         # serialized here: FastAPI's generic encoder walks every list of a long logprobs answer
-        body = json.dumps(encode_response(head, model.tokenizer, request.sequences, work))
-        return Response(body, media_type="application/json")
+        return Response(json.dumps(whole(request.sequences)), media_type="application/json")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        work = decode_request(body, model, limits, model_id)
+        head = response_head(model_id)
+        return await answer(work, completion_chunks(head, work, model), head,
+                            lambda sequences: encode_response(head, model.tokenizer, sequences, work), http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         work = decode_chat_request(body, model, limits, model_id)
-        request = predict(scheduler, work, limits)
         head = chat_head(model_id)
-        if work.stream:
-            chunk_head = {**head, "object": "chat.completion.chunk"}
-            return event_stream(stream(
-                request, work, scheduler, limits, metrics,
-                lambda event, first: encode_chat_chunk(head, model.tokenizer, event, work, first),
-                lambda: encode_usage_chunk(chunk_head, work, request.sequences)))
-        async for _ in events(request, scheduler, limits, metrics, http.is_disconnected):
-            pass
-        body = json.dumps(encode_chat_response(head, model.tokenizer, request.sequences, work))
-        return Response(body, media_type="application/json")
+        return await answer(work, lambda event, first: encode_chat_chunk(head, model.tokenizer, event, work, first),
+                            {**head, "object": "chat.completion.chunk"},
+                            lambda sequences: encode_chat_response(head, model.tokenizer, sequences, work), http)
 
 
 def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
