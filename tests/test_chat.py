@@ -280,6 +280,14 @@ def test_one_conversation_gives_the_same_prompt_ids_in_trainer_server_transforme
     assert answer["usage"]["prompt_tokens"] == len(prompt_ids(tok, tok.chat, short))
 
     assert trainer == server == list(hf_ids) == llama_ids
+    if which == "bpe":  # onnxruntime-genai reads the ONNX folder's template, and stops at the end of the turn
+        og = require("onnxruntime_genai", 'pip install -e ".[test]"')
+        model = og.Model(str(onnx))
+        genai = og.Tokenizer(model)
+        rendered = genai.apply_chat_template(json.dumps(short), add_generation_prompt=True)
+        ids = [int(i) for i in genai.encode(rendered)]
+        assert ids == prompt_ids(tok, tok.chat, short)
+        assert tok.token_id(IM_END) in json.loads((onnx / "genai_config.json").read_text())["model"]["eos_token_id"]
 
 
 @pytest.mark.slow
