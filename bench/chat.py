@@ -15,9 +15,10 @@ model must have learned the rule, not the answers.
 4. export with --optimize --int4 (every gate), serve the fused int4 graph, and ask the 200 held-out
    prompts through the official openai client's chat.completions.create at temperature 0: the goal
    is >= 90% exact answers. A template that differed anywhere between training and serving would
-   show here as lost accuracy;
-5. the time per token of a streamed chat answer against a streamed completion of the same prompt
-   tokens on the same server (the goal: chat adds <= 5%).
+   show here as lost accuracy.
+
+What the chat API adds to the time per token is measured by `python bench/serve.py --chat`, on
+answers long enough to time (these are about 15 tokens).
 """
 
 from __future__ import annotations
@@ -108,28 +109,6 @@ def ask_all(url: str, held: list[dict]) -> tuple[int, float, str]:
     return right, time.perf_counter() - start, last
 
 
-def per_token(url: str, messages: list[dict], rounds: int, tokens: int) -> tuple[float, float]:
-    """Median seconds per streamed token: a chat answer, and a completion of the same prompt tokens."""
-    import requests
-
-    ids = requests.post(f"{url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
-    common = {"max_tokens": tokens, "temperature": 0.8, "stream": True}
-
-    def one(path, body):
-        stamps = []
-        with requests.post(f"{url}{path}", json={**body, **common}, stream=True, timeout=600) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data: {"):
-                    stamps.append(time.perf_counter())
-        return (stamps[-1] - stamps[1]) / max(1, len(stamps) - 2)
-
-    chat, completion = [], []
-    for i in range(rounds):  # interleaved, so that the machine's drift falls on both alike
-        chat.append(one("/v1/chat/completions", {"messages": messages, "seed": i}))
-        completion.append(one("/v1/completions", {"prompt": ids, "seed": i}))
-    return float(np.median(chat)), float(np.median(completion))
-
-
 def serve(export: Path, threads: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,7 +129,6 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(ROOT / "bench" / ".cache" / "chat"))
     parser.add_argument("--conversations", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=10, help="streams of each kind for the time per token")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -178,14 +156,13 @@ def run(argv: list[str] | None = None) -> None:
     proc, url = serve(work / "export", args.threads)
     try:
         after, seconds, last = ask_all(url, held)
-        chat, completion = per_token(url, held[0]["messages"][:1], args.rounds, 48)
     finally:
         proc.terminate()
         proc.wait()
-    report(args, times, before, after, seconds, last, chat, completion, work)
+    report(args, times, before, after, seconds, last, work)
 
 
-def report(args, times, before, after, seconds, last, chat, completion, work) -> None:
+def report(args, times, before, after, seconds, last, work) -> None:
     print(f"machine: {machine()}")
     print(f"task: 'shout: WORDS' -> 'WORDS!', {args.conversations} training conversations, {HELD_OUT} held-out "
           f"prompts of words never seen in training; server: fused int4, {args.threads} threads")
@@ -196,8 +173,6 @@ def report(args, times, before, after, seconds, last, chat, completion, work) ->
           f"({after / HELD_OUT:.1%}; goal >= 90%) in {seconds:.1f} s; last answer {last!r}")
     if "fine-tune" in times:
         print(f"fine-tuning took {times['fine-tune']:.1f} s (goal <= 180 s)")
-    print(f"streamed time per token: chat {chat * 1000:.3f} ms, completion of the same prompt tokens "
-          f"{completion * 1000:.3f} ms: chat / completion {chat / completion:.3f}x (goal <= 1.05x)")
     print(f"logs in {work}")
 
 
