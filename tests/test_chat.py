@@ -387,3 +387,16 @@ def test_a_hugging_face_chat_table_is_read_as_jsonl_is(tmp_path, run_dir):
         corpus = load_corpus(config, None)
         seen[name] = sorted(map(tuple, np.concatenate([corpus.train.tokens, corpus.val.tokens]).tolist()))
     assert seen["train-00000.parquet"] == seen["same.jsonl"] and len(seen["same.jsonl"]) >= 30
+
+
+def test_a_model_trained_on_conversations_from_scratch_gets_its_vocabulary_from_them(tmp_path):
+    from launch.train import load_corpus, setup
+
+    data = conversation_file(tmp_path / "chat.jsonl", task_words()[0], 200)
+    config, _ = setup("configs/chat_sft_cpu.yaml", [f"--data.path={data}", f"--train.out_dir={tmp_path / 'run'}"],
+                      resume=False)
+    corpus = load_corpus(config, None)
+    tok = corpus.tokenizer
+    rendered = "".join(CHAT.render(json.loads(line)["messages"]) for line in data.read_text().splitlines())
+    assert set(tok.chars) == set(rendered.replace(IM_START, "").replace(IM_END, ""))
+    assert tok.special_tokens == [IM_START, IM_END] and tok.chat == CHAT
