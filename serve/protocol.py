@@ -21,6 +21,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import accumulate
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -174,22 +175,28 @@ def usage(work: Work, sequences: list[Sequence]) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def prompt_entries(tokenizer: Tokenizer, s: Sequence) -> tuple[str, list[TokenLogprob]]:
-    """The prompt's text as echo returns it, and its tokens' entries (the first with no logprob)."""
-    decoder, pieces, entries, offset = tokenizer.stream(), [], [], 0
+def prompt_logprobs(tokenizer: Tokenizer, s: Sequence) -> tuple[str, dict]:
+    """The prompt's text as echo returns it, and its tokens' `logprobs` lists (the first token has no
+    logprob): built list by list, not token by token, as a scoring request has tens of thousands."""
+    ids = s.prompt_ids
+    decoder = tokenizer.stream()
+    feed = decoder.feed
+    pieces = [feed(t) for t in ids]  # each token's text as it completes characters
+    offsets = [0, *accumulate(map(len, pieces))][:-1]
+    names = [token_text(tokenizer, t) for t in ids]
     scores = s.prompt_scores
-    logprobs = scores.logprobs.tolist() if scores is not None else None
-    for i, token in enumerate(s.prompt_ids):
-        name, logprob, top = token_text(tokenizer, token), None, None
-        if logprobs is not None and i > 0:
-            logprob = logprobs[i - 1]
-            top = {token_text(tokenizer, t): lp for t, lp in scores.top[i - 1]} if scores.top else {}
-            top.setdefault(name, logprob)
-        entries.append(TokenLogprob(name, logprob, top, offset))
-        piece = decoder.feed(token)
-        pieces.append(piece)
-        offset += len(piece)
-    return "".join(pieces) + decoder.flush(), entries
+    if scores is None:
+        logprobs, tops = [None] * len(ids), [None] * len(ids)
+    else:
+        logprobs = [None, *scores.logprobs.tolist()]
+        if scores.top:
+            tops = [None] + [{token_text(tokenizer, t): lp for t, lp in row} for row in scores.top]
+            for top, name, logprob in zip(tops[1:], names[1:], logprobs[1:]):
+                top.setdefault(name, logprob)  # the chosen token is always among them
+        else:
+            tops = [None] + [{name: logprob} for name, logprob in zip(names[1:], logprobs[1:])]
+    lists = {"tokens": names, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return "".join(pieces) + decoder.flush(), lists
 
 
 def logprobs_object(entries: list[TokenLogprob], shift: int = 0) -> dict:
@@ -200,13 +207,12 @@ def logprobs_object(entries: list[TokenLogprob], shift: int = 0) -> dict:
 
 def encode_choice(tokenizer: Tokenizer, s: Sequence, work: Work) -> dict:
     """One whole choice: its text (after the prompt, with echo), logprobs and finish reason."""
-    prompt_text, entries = prompt_entries(tokenizer, s) if work.echo else ("", [])
+    prompt_text, prompt = prompt_logprobs(tokenizer, s) if work.echo else ("", None)
     logprobs = None
     if work.logprobs is not None:
-        logprobs = logprobs_object(entries)
-        completion = logprobs_object(s.entries, shift=len(prompt_text))
-        for key, values in completion.items():
-            logprobs[key] += values
+        logprobs = logprobs_object(s.entries, shift=len(prompt_text))
+        if prompt is not None:
+            logprobs = {key: prompt[key] + values for key, values in logprobs.items()}
     return {"text": prompt_text + s.text, "index": s.tag.index, "logprobs": logprobs,
             "finish_reason": s.finish_reason}
 
@@ -217,16 +223,16 @@ def encode_response(head: dict, tokenizer: Tokenizer, sequences: list[Sequence],
     return {**head, "choices": choices, "usage": usage(work, sequences)}
 
 
-def encode_chunk(head: dict, event: Event, work: Work, prompt: tuple[str, list[TokenLogprob]], shift: int) -> str:
-    """One server-sent event: a piece of one choice's text, with `prompt` (its text and entries: the
+def encode_chunk(head: dict, event: Event, work: Work, prompt: tuple[str, dict | None], shift: int) -> str:
+    """One server-sent event: a piece of one choice's text, with `prompt` (its text and logprobs: the
     echo, in a choice's first chunk) before it, and the step's token in `logprobs` when asked for;
     `shift` is the echoed prompt's length, which the completion's text offsets start after."""
     s = event.sequence
-    entries = list(prompt[1])
-    if event.logprob is not None:
-        e = event.logprob
-        entries.append(TokenLogprob(e.token, e.logprob, e.top, e.offset + shift))
-    logprobs = logprobs_object(entries) if work.logprobs is not None else None
+    logprobs = None
+    if work.logprobs is not None:
+        logprobs = logprobs_object([event.logprob] if event.logprob is not None else [], shift)
+        if prompt[1] is not None:
+            logprobs = {key: prompt[1][key] + values for key, values in logprobs.items()}
     choice = {"text": prompt[0] + event.text, "index": s.tag.index, "logprobs": logprobs,
               "finish_reason": s.finish_reason if event.finished else None}
     return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"

@@ -104,10 +104,14 @@ class Scorer:
         result.logprobs[s + first:e] = lp[np.arange(len(targets)), targets]
         if top:
             k = min(top, lp.shape[1])
-            best = np.argpartition(-lp, k - 1, axis=1)[:, :k]
-            values = np.take_along_axis(lp, best, axis=1)
-            order = np.argsort(-values, axis=1, kind="stable")
-            best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
+            if k == 1:  # an evaluation client's logprobs=1: the most likely token, no partition or sort
+                best = lp.argmax(axis=1)[:, None]
+                values = np.take_along_axis(lp, best, axis=1)
+            else:
+                best = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+                values = np.take_along_axis(lp, best, axis=1)
+                order = np.argsort(-values, axis=1, kind="stable")
+                best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
             result.top[s + first:e] = [list(zip(b, v)) for b, v in zip(best.tolist(), values.tolist())]
 
     def logits(self, windows: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ from serve.protocol import (
     encode_chunk,
     encode_response,
     encode_usage_chunk,
-    prompt_entries,
+    prompt_logprobs,
     response_head,
 )
 from serve.runtime import OnnxModel
@@ -267,7 +267,7 @@ def completion_chunks(head: dict, work: Work, model: OnnxModel) -> Callable[[Eve
 
     def encode(event: Event, first: bool) -> str:
         s = event.sequence
-        prompt = prompt_entries(model.tokenizer, s) if work.echo and first else ("", [])
+        prompt = prompt_logprobs(model.tokenizer, s) if work.echo and first else ("", None)
         if first:
             shifts[id(s)] = len(prompt[0])
         return encode_chunk(head, event, work, prompt, shifts[id(s)])
