@@ -50,15 +50,19 @@ def take_shape_from_hf(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=model, data=data)
 
 
-def take_shape_from_run(config: RunConfig) -> RunConfig:
+def take_shape_from_run(config: RunConfig, resuming: Path | None = None) -> RunConfig:
     """train.init_from=RUN_OR_CHECKPOINT: fine-tune one of our own models. Its shape (and block_size:
     a gpt2's position table, a llama's context up to it) and tokenizer come from the checkpoint; the
-    run config keeps its dropout and everything else."""
+    run config keeps its dropout and everything else. A run that resumes (from `resuming`, its own
+    latest checkpoint) no longer needs the source: it may have been moved or deleted since."""
     from gpt.checkpoint import CheckpointError, missing_files, resolve_checkpoint
     from gpt.config import model_config_from_dict
 
+    source = config.train.init_from
+    if resuming is not None and not Path(source).exists():
+        source = str(resuming)
     try:
-        folder = resolve_checkpoint(config.train.init_from)
+        folder = resolve_checkpoint(source)
         if missing_files(folder):
             raise CheckpointError(f"{folder} is incomplete ({', '.join(missing_files(folder)[:3])})")
         shape = model_config_from_dict(json.loads((folder / "config.json").read_text()))
@@ -79,10 +83,13 @@ def take_shape_from_run(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, model=model, data=d, train=train)
 
 
-def base_tokenizer(config: RunConfig):
-    """The tokenizer of the model fine-tuned: an init_from checkpoint's, an imported folder's, or None."""
+def base_tokenizer(config: RunConfig, start_from: Path | None = None):
+    """The tokenizer of the model fine-tuned: the run's own checkpoint's when it resumes (the source
+    may be gone by then), an init_from checkpoint's, an imported folder's, or None."""
     from gpt.tokenizer import load_tokenizer
 
+    if start_from is not None:
+        return load_tokenizer(start_from / "tokenizer.json")
     if config.train.init_from:
         return load_tokenizer(Path(config.train.init_from) / "tokenizer.json")
     if config.data.tokenizer_file:

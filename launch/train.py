@@ -68,7 +68,7 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
     if config.model.init_from:
         config = take_shape_from_hf(config)
     if config.train.init_from:
-        config = take_shape_from_run(config)
+        config = take_shape_from_run(config, latest_checkpoint(config.train.out_dir) if resume else None)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
@@ -173,7 +173,7 @@ def load_corpus(config: RunConfig, start_from: Path | None) -> TokenizedCorpus:
     the others wait on the lock, not in a collective, so a long first tokenization cannot run into
     the process group's timeout."""
     if config.data.format == "chat":
-        corpus = prepare_chat(config.data, config.model.block_size, base_tokenizer(config))
+        corpus = prepare_chat(config.data, config.model.block_size, base_tokenizer(config, start_from))
     else:
         corpus = prepare(config.data)
         if config.train.init_from and corpus.tokenizer != base_tokenizer(config):

@@ -353,16 +353,19 @@ def test_the_terminal_chat_keeps_the_conversation(chat_run):
     assert done.returncode == 2 and "--prompt TEXT" in done.stderr
 
 
-def test_fine_tuning_resumes_exactly(run_dir, tmp_path):
+def test_fine_tuning_resumes_exactly_even_when_its_source_is_gone(run_dir, tmp_path):
     from launch.train import main, setup
 
     data = conversation_file(tmp_path / "chat.jsonl", task_words()[0], 300)
-    args = [f"--train.init_from={run_dir}", f"--data.path={data}", "--train.max_iters=6", "--train.threads=1",
+    source = tmp_path / "source"
+    shutil.copytree(run_dir, source)
+    args = [f"--train.init_from={source}", f"--data.path={data}", "--train.max_iters=6", "--train.threads=1",
             "--train.eval_interval=6", "--train.eval_iters=1", "--train.checkpoint_interval=3", "--train.batch_size=4",
             "--train.warmup_iters=2", "--train.lr_decay_iters=6"]  # the schedule of 6 steps, also when stopped at 3
     whole = main(*setup("configs/chat_sft_cpu.yaml", [*args, f"--train.out_dir={tmp_path / 'whole'}"], False))
     part = [*args, f"--train.out_dir={tmp_path / 'part'}"]
     main(*setup("configs/chat_sft_cpu.yaml", [*part, "--train.max_iters=3"], False))
+    shutil.rmtree(source)  # the run resumes from its own checkpoint: its tokenizer, its shape
     resumed = main(*setup("configs/chat_sft_cpu.yaml", part, True))
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
