@@ -100,7 +100,8 @@ def run(argv: list[str] | None = None) -> int:
                           int8_weights=args.int8_weights, optimize=args.optimize, opset=args.opset, force=args.force,
                           checkpoint=args.checkpoint, exporter=args.exporter, eval_tokens=args.eval_tokens,
                           external_data_above=args.external_data_above)
-        files = ", ".join([*manifest["files"].values(), "tokenizer.json"])
+        config = ["tokenizer_config.json (the chat template)"] if manifest["tokenizer"].get("chat") else []
+        files = ", ".join([*manifest["files"].values(), "tokenizer.json", *config])
         print(f"wrote {args.export_dir} ({files}, manifest.json) in {manifest['export_seconds']}s")
 
     return run_command(work, (ExportError, CheckpointError, ConfigError, ValueError))
