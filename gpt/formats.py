@@ -84,22 +84,27 @@ def _zstd_lines(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
 def json_lines(path: Path, text_field: str) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text or None, problem) of every non-blank line; a problem names what is wrong with a
     line that has no text string. A damaged compressed stream raises FormatError."""
+    for number, record, problem in json_records(path):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if problem or isinstance(text, str):
+            yield number, None if problem else text, problem
+        else:
+            fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            yield number, None, f"has no {text_field!r} string (its fields: {fields}); set data.text_field"
+
+
+def json_records(path: Path) -> Iterator[tuple[int, object, str]]:
+    """(line number, the parsed JSON or None, problem) of every non-blank line; the problem names a line
+    that is not JSON. A damaged compressed stream raises FormatError."""
     number = 0
     try:
         for number, raw in enumerate(lines(path), 1):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
+                yield number, json.loads(raw), ""
             except ValueError as e:
                 yield number, None, f"is not a JSON object ({e})"
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if isinstance(text, str):
-                yield number, text, ""
-            else:
-                fields = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                yield number, None, f"has no {text_field!r} string (its fields: {fields}); set data.text_field"
     except (OSError, EOFError) as e:  # gzip: BadGzipFile (an OSError) or EOFError when truncated
         raise FormatError(f"{path} is damaged after line {number} ({type(e).__name__}: {e})") from None
     except Exception as e:  # zstandard.ZstdError derives from Exception alone
@@ -112,17 +117,22 @@ def json_lines(path: Path, text_field: str) -> Iterator[tuple[int, str | None, s
 
 def table_rows(path: Path, text_field: str) -> Iterator[tuple[int, str | None]]:
     """(row, text or None) of every row of a .parquet or .arrow file, a batch at a time."""
+    for row, text in table_values(path, text_field):
+        yield row, text if isinstance(text, str) else None
+
+
+def table_values(path: Path, column: str) -> Iterator[tuple[int, object]]:
+    """(row, value) of one column of a .parquet or .arrow file, as Python values, a batch at a time."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise FormatError(f"{path} needs pyarrow: pip install pyarrow (the corpora extra: "
                           'pip install -e ".[corpora]")') from None
-    batches = _parquet_batches(path, text_field) if path.name.endswith(".parquet") else _arrow_batches(path,
-                                                                                                      text_field)
+    batches = _parquet_batches(path, column) if path.name.endswith(".parquet") else _arrow_batches(path, column)
     row = 0
-    for column in batches:
-        for text in column.to_pylist():
-            yield row, text if isinstance(text, str) else None
+    for values in batches:
+        for value in values.to_pylist():
+            yield row, value
             row += 1
 
 

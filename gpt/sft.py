@@ -17,7 +17,6 @@ and line. Conversations are small next to pretraining text: they are prepared in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +25,9 @@ import torch
 
 from gpt.chat import ChatTemplate, ConversationError, TemplateError, conversation, encode_conversation
 from gpt.corpus import in_val
+from gpt.data import SPLIT_IDS, TokenizedCorpus, corpus_files, fingerprint
 from gpt.datasets import DataError
-from gpt.formats import FormatError, kind, lines
+from gpt.formats import FormatError, json_records, kind, table_values
 
 IGNORE = -100  # a target the loss skips (F.cross_entropy's ignore_index)
 
@@ -61,31 +61,17 @@ class Problems:
         if len(self.examples) < 5:
             self.examples.append(f"{where}: {reason}")
 
-    def summary(self) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in self.counts.items()) or "none"
-
 
 def records(path: Path, name: str):
-    """(where, record) of every conversation of a file: a JSON-lines line or a table's row."""
+    """(where, record) of every conversation of a file: a JSON-lines line or a table's row (a line that
+    is not JSON comes as its ConversationError). A damaged file raises FormatError."""
     if kind(path) == "jsonl":
-        for number, raw in enumerate(lines(path), 1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"{name}:{number}", json.loads(raw)
-            except ValueError as e:
-                yield f"{name}:{number}", ConversationError(f"is not a JSON object ({e})")
+        for number, record, problem in json_records(path):
+            yield f"{name}:{number}", ConversationError(problem) if problem else record
         return
     if kind(path) == "table":
-        from gpt.formats import _arrow_batches, _parquet_batches
-
-        batches = _parquet_batches(path, "messages") if path.name.endswith(".parquet") else \
-            _arrow_batches(path, "messages")
-        row = 0
-        for column in batches:
-            for messages in column.to_pylist():
-                yield f"{name}:{row}", {"messages": messages}
-                row += 1
+        for row, messages in table_values(path, "messages"):
+            yield f"{name}:{row}", {"messages": messages}
         return
     raise DataError(f"{path}: data.format=chat reads conversations from .jsonl(.gz/.zst), .parquet or .arrow files "
                     "(one {\"messages\": [...]} or {\"prompt\", \"completion\"} each), not plain text")
@@ -106,7 +92,7 @@ def read_conversations(files: list[Path], root: Path, tokenizer, template: ChatT
                     if len(encoded.ids) > block_size + 1:
                         raise ConversationError(f"is {len(encoded.ids)} tokens after templating, over block_size + 1 "
                                                 f"= {block_size + 1}")
-                except (ConversationError, TemplateError, ValueError) as e:
+                except ValueError as e:  # ConversationError, TemplateError, a character out of vocabulary
                     reason = str(e)
                     if not skip_bad:
                         raise DataError(f"{where} {reason}; fix it, or set data.skip_bad_files=true to leave such "
@@ -119,14 +105,14 @@ def read_conversations(files: list[Path], root: Path, tokenizer, template: ChatT
     return splits, problems
 
 
+REASONS = (("over block_size", "longer than block_size"), ("empty assistant turn", "empty assistant turn"),
+           ("has role", "unknown role"), ("no assistant turn", "no assistant turn"), ("not a JSON", "not JSON"),
+           ("outside the vocabulary", "outside the vocabulary"), ("chat template", "chat template"))
+
+
 def _reason(message: str) -> str:
     """A problem's kind, for counting: the message without its particulars."""
-    for key in ("over block_size", "empty assistant turn", "has role", "no assistant turn", "not a JSON",
-                "outside the vocabulary", "chat template"):
-        if key in message:
-            return {"over block_size": "longer than block_size", "has role": "unknown role",
-                    "not a JSON": "not JSON"}.get(key, key)
-    return "malformed"
+    return next((label for key, label in REASONS if key in message), "malformed")
 
 
 def pack(conversations: list, block_size: int) -> PackedRows:
@@ -163,8 +149,6 @@ def get_rows(data: PackedRows, batch_size: int, seed: int, split: str, step: int
     """A batch of random rows as the model's keyword arguments: input_ids (B, T), targets (B, T) with
     IGNORE wherever the next token is not the assistant's or starts another document, document_ids (B, T).
     Which rows is a pure function of (seed, split, step, shard), as gpt.data.get_batch's windows."""
-    from gpt.data import SPLIT_IDS
-
     if len(data) == 0:
         raise DataError(f"the {split} split holds no conversation: add more, or raise data.val_fraction")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], int(evaluation), step, shard])
@@ -236,7 +220,6 @@ def prepare_chat(config, block_size: int, base_tokenizer=None):
     the tokenizer of the model fine-tuned (None: a new one from the conversations)."""
     import hashlib
 
-    from gpt.data import TokenizedCorpus, corpus_files, fingerprint
     from gpt.tokenizer import tokenizer_sha256
 
     files, root = corpus_files(config)

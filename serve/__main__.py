@@ -56,6 +56,7 @@ def run(argv: list[str] | None = None) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     """Read a user turn a line at a time; stream each answer (the template's end of turn ends it)."""
+    from gpt.chat import prompt_ids
     from gpt.sampling import SamplingParams
     from serve.generate import generate, warmup
     from serve.runtime import OnnxModel
@@ -77,7 +78,7 @@ def chat(args: argparse.Namespace) -> int:
         if not line:
             return 0
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = model.tokenizer.encode(template.render(messages, add_generation_prompt=True))
+        ids = prompt_ids(model.tokenizer, template, messages)
         answer = ""
         for event in generate(model, [ids], args.max_new_tokens, params, args.seed, args.stop, limit=MAX_NEW_TOKENS):
             answer += event.text

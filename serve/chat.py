@@ -51,7 +51,6 @@ def decode_chat_request(body: ChatCompletionRequest, model: OnnxModel, limits: L
     """Check a parsed body against the model and limits; render the messages into the prompt's ids."""
     tokenizer = model.tokenizer
     check_model(body, model_id)
-    no_template(tokenizer)
     if body.response_format not in (None, {"type": "text"}):
         raise RequestError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
