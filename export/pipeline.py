@@ -39,9 +39,9 @@ from export.graph import EXPORTERS, TRACE_APART_ABOVE, check_graph, example_inpu
 from export.onnxfile import EXTERNAL_DATA_ABOVE
 from export.portable import MIN_OPSET, build_portable
 from export.variants import NBITS, NBITS_ACCURACY, NBITS_BLOCKS, nbits_block, write_variant
-from gpt.checkpoint import load_checkpoint, resolve_checkpoint
+from gpt.checkpoint import load_checkpoint, resolve_checkpoint, weights_sha256
 from gpt.config import ModelConfig
-from gpt.files import sha256_file, staging
+from gpt.files import staging
 from gpt.model import GPT
 from gpt.tokenizer import tokenizer_sha256
 from serve.manifest import DEFAULT_OPSET, EVAL_TOKENS, FORMAT, FORMAT_VERSION, VARIANT_FLAGS, VARIANTS, ExportError
@@ -62,6 +62,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
     check_destination(export_dir, folder, force)
     check_exporter(exporter, opset)
     model, tokenizer, meta = load_checkpoint(folder)
+    meta = {**meta, "model_sha256": weights_sha256(folder, model)}  # a sharded checkpoint has no model.safetensors
     model.float().eval()
     config = model.config
     if (int4 or int8_weights) and not nbits_block(config.embedding_dim):
@@ -168,7 +169,7 @@ def describe(config: ModelConfig, tokenizer, meta: dict, folder: Path, which: st
                            "onnxruntime": onnxruntime.__version__},
         "source": {"checkpoint": str(folder), "step": meta.get("step"), "selected": which,
                    "val_loss": meta.get("val_loss") if meta.get("evaluated_at") == meta.get("step") else None,
-                   "model_sha256": sha256_file(folder / "model.safetensors")},
+                   "model_sha256": meta["model_sha256"]},
     }
     add_graph(manifest, "fp32", graph)
     return manifest

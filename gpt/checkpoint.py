@@ -8,6 +8,10 @@
         meta.json           format version, step, losses, the corpus and tokenizer sha256, and the
                             size of every other file in the folder (written last)
         optimizer.bin, random_states_*.pkl, ...   resumable state written by Accelerate's save_state
+    or, written by FSDP (launch/sharding.py), every rank its own rows of each tensor, as safetensors:
+        model/, optimizer/  shard-NNNNN-model-00001-of-00001.safetensors, one per rank, in place of
+                            model.safetensors and optimizer.bin (torch.distributed.checkpoint's format)
+        rng-rank-NNNNN.safetensors   each rank's random number generator states
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
     RUN_DIR/checkpoints/best     the name of the one with the lowest validation loss (kept when pruning)
 
@@ -28,6 +32,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +45,7 @@ from gpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_sha256
 
 FORMAT = "gpt-checkpoint"
 FORMAT_VERSION = 1
+SHARDED_WEIGHTS = "model"  # a sharded checkpoint's folder of weights, in place of model.safetensors
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -121,21 +127,29 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     return latest
 
 
-def write_model_files(folder: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict) -> None:
-    """Write the self-describing part of a checkpoint, then meta.json listing every file in `folder`
-    (the optimizer and RNG states included, so write those first) with its size."""
-    save_safetensors(weights_to_save(model), folder / "model.safetensors", metadata={"format": FORMAT})
-    (folder / "config.json").write_text(json.dumps(model.config.__dict__, indent=2))
+def write_model_files(folder: Path, model: GPT | ModelConfig, tokenizer: Tokenizer, meta: dict,
+                      run_config: dict) -> None:
+    """Write the self-describing part of a checkpoint, then meta.json listing every file below `folder`
+    (the optimizer and RNG states included, so write those first) with its size. `model` is the model,
+    whose weights go to model.safetensors, or only its config when the ranks have written their shards
+    of the weights to model/ already (a sharded checkpoint)."""
+    if isinstance(model, ModelConfig):
+        config = model
+    else:
+        config = model.config
+        save_safetensors(weights_to_save(model), folder / "model.safetensors", metadata={"format": FORMAT})
+    (folder / "config.json").write_text(json.dumps(config.__dict__, indent=2))
     tokenizer.save(folder / "tokenizer.json")
     (folder / "run_config.json").write_text(json.dumps(run_config, indent=2))
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != "meta.json"}
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "meta.json"}
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer_sha256": tokenizer_sha256(tokenizer), **meta,
             "files": files}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def publish_checkpoint(tmp: Path, final: Path, model: GPT, tokenizer: Tokenizer, meta: dict, run_config: dict,
-                       keep: int) -> None:
+def publish_checkpoint(tmp: Path, final: Path, model: GPT | ModelConfig, tokenizer: Tokenizer, meta: dict,
+                       run_config: dict, keep: int) -> None:
     """Complete the checkpoint being built in `tmp` (which holds the resumable state already), publish it
     durably as `final` (RUN_DIR/checkpoints/step-NNNNNN), point `latest` at it, and `best` too if its
     validation loss, measured at this step, is the lowest yet; then keep the newest `keep` and the best."""
@@ -194,6 +208,8 @@ def weights_to_save(model: GPT) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     path = folder / "model.safetensors"
+    if not path.is_file() and (folder / SHARDED_WEIGHTS).is_dir():
+        return load_sharded_weights(model, folder)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an earlier one")
     device = next(model.parameters()).device
@@ -205,6 +221,44 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         raise CheckpointError(f"{path} does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                               "use the checkpoint's own config")
     if tied and on_meta:
+        model.lm_head.weight = model.token_embedding.weight
+
+
+def weights_sha256(folder: Path, model: GPT) -> str:
+    """The sha256 of the checkpoint's weights as model.safetensors holds them. A sharded checkpoint has
+    no such file: the same bytes are made from its weights, so the same weights give the same hash."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    if (folder / "model.safetensors").is_file():
+        from gpt.files import sha256_file
+
+        return sha256_file(folder / "model.safetensors")
+    return hashlib.sha256(save(weights_to_save(model), metadata={"format": FORMAT})).hexdigest()
+
+
+def load_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Weights from a sharded checkpoint (FSDP: each rank wrote its rows of every tensor to model/, as
+    safetensors files whose headers say where the rows belong), stitched into whole tensors in this
+    process by torch.distributed.checkpoint, which needs no process group for it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    device = next(model.parameters()).device
+    on_meta = device.type == "meta"
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="cpu" if on_meta else device)
+             for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}  # stored once
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": reading alone is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder / SHARDED_WEIGHTS)), no_dist=True)
+    except Exception as e:  # DCP wraps what went wrong (a missing key, a torn file) in its own exception
+        raise CheckpointError(f"{folder / SHARDED_WEIGHTS} cannot be read into the model ({str(e).splitlines()[0]}): "
+                              "use the checkpoint's own config, or an earlier checkpoint") from None
+    model.load_state_dict(state, strict=not tied, assign=on_meta)
+    if tied:
         model.lm_head.weight = model.token_embedding.weight
 
 

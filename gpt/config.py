@@ -160,6 +160,7 @@ class DataConfig:
 
 
 OPTIMIZERS = ("adamw", "muon")
+PARALLELISMS = ("auto", "ddp", "fsdp")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "csv")
 # keys of earlier versions, and what to write instead
 RENAMED = {("train", "tensorboard"): "use train.log_with=tensorboard (or none, wandb, mlflow, csv)"}
@@ -171,6 +172,7 @@ class TrainConfig:
 
     batch_size: int = 128  # sequences per process per micro-step
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None  # sequences per optimizer step over all ranks; sets the accumulation
     max_iters: int = 3000  # optimizer steps
     learning_rate: float = 3.0e-4  # peak, reached after warmup
     min_lr: float | None = None  # floor of the cosine decay; default learning_rate / 10
@@ -190,6 +192,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "no"  # no | bf16 | fp16, passed to Accelerate
     compile: bool = False  # torch.compile the model
+    parallelism: str = "auto"  # auto | ddp | fsdp: how several processes share the work (launch/sharding.py);
+    # auto is fsdp under an Accelerate FSDP config (configs/accelerate/fsdp.yaml), else ddp
+    activation_checkpointing: bool = False  # keep only each block's input; backward recomputes the rest (less memory)
     threads: int = 0  # torch threads per process on CPU; 0 = cores / local processes
     dist_timeout_s: int = 300  # a rank stuck in a collective this long ends the job
     optimizer: str = "adamw"  # adamw (nanoGPT's) | muon (the blocks' matrices; AdamW for the rest): launch/optim.py
@@ -208,6 +213,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 out.append(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            out.append(f"train.global_batch_size={self.global_batch_size} must be >= 1")
         for name in ("warmup_iters", "threads"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}={getattr(self, name)} must be >= 0")
@@ -230,6 +237,8 @@ class TrainConfig:
         for name in ("embedding_lr", "scalar_lr", "embedding_weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 out.append(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.parallelism not in PARALLELISMS:
+            out.append(f"train.parallelism={self.parallelism!r} must be one of {', '.join(PARALLELISMS)}")
         if self.log_with not in TRACKERS:
             out.append(f"train.log_with={self.log_with!r} must be one of {', '.join(TRACKERS)}")
         if self.device not in ("auto", "cpu", "cuda"):

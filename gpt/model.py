@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 
@@ -207,6 +208,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = norm(config)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
+        self.activation_checkpointing = False  # train.activation_checkpointing: memory for compute
         self.apply(self._init_weights)
         if config.tie_embeddings:  # one matrix reads tokens in and writes logits out (GPT-2, weight tying)
             self.lm_head.weight = self.token_embedding.weight
@@ -270,7 +272,7 @@ class GPT(nn.Module):
         x, rope = self.embed(input_ids, position_ids)  # (B, T, C), the rotary angles (llama) or None
         present: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, mask, None if past is None else past[i], rope)  # (B, T, C)
+            x, kv = self.run_block(block, x, mask, None if past is None else past[i], rope)  # (B, T, C)
             present.append(kv)
         x = self.ln_f(x)  # (B, T, C)
         logits = self.lm_head(x)  # (B, T, V)
@@ -281,6 +283,13 @@ class GPT(nn.Module):
         if use_cache is None:
             use_cache = past is not None
         return GPTOutput(logits, loss, present if use_cache else None)
+
+    def run_block(self, block: Block, x, mask, past, rope):
+        """One block. With activation_checkpointing, training keeps only the block's input, and backward
+        runs the block again for what it needs: less memory for about a third more compute."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, mask, past, rope, use_reentrant=False)
+        return block(x, mask, past, rope)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
         """What each token is, and where: gpt2 adds a learned position vector to the token's; llama

@@ -1,5 +1,5 @@
-"""Where a run trains: the Accelerator, the processes that joined it, the run folder's lock, and the
-report of versions and devices that goes into RUN_DIR/run.json."""
+"""Where a run trains: the Accelerator, the processes that joined it, the global batch over them, the
+run folder's lock, and the report of versions and devices that goes into RUN_DIR/run.json."""
 
 from __future__ import annotations
 
@@ -59,11 +59,13 @@ def check_world_size(joined: int) -> None:
         )
 
 
-def make_accelerator(config: RunConfig):
-    """An Accelerator that really synchronises, on GPUs or on CPU processes (gloo)."""
+def make_accelerator(config: RunConfig, fsdp: bool = False):
+    """An Accelerator that really synchronises, on GPUs or on CPU processes (gloo). With `fsdp` the
+    trainer shards the model itself (launch/sharding.py): Accelerate is not told, and compiles nothing."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin
 
+    from launch.sharding import accelerate_env
     from launch.trackers import log_with
 
     t = config.train
@@ -71,18 +73,23 @@ def make_accelerator(config: RunConfig):
     # started by `accelerate launch --multi_gpu` initialises no process group and believes it is rank 0.
     use_cpu = t.device == "cpu" or not torch.cuda.is_available()
     logging_dir = str(Path(t.out_dir) / "tracking")
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        mixed_precision=t.mixed_precision,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=log_with(t.log_with, logging_dir),
-        project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=logging_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
-        # prepare() compiles after wrapping in DDP, so unwrap_model(keep_torch_compile=False) gives
-        # back the plain model and checkpoints keep plain keys (compiling first would save `_orig_mod.`)
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile else None,
-    )
+    with accelerate_env(fsdp):
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with=log_with(t.log_with, logging_dir),
+            project_config=ProjectConfiguration(project_dir=t.out_dir, logging_dir=logging_dir),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))],
+            # prepare() compiles after wrapping in DDP, so unwrap_model(keep_torch_compile=False) gives
+            # back the plain model and checkpoints keep plain keys (compiling first would save `_orig_mod.`)
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if t.compile and not fsdp else None,
+        )
     check_world_size(accelerator.num_processes)
+    if fsdp and not torch.distributed.is_initialized():
+        # one process: Accelerate starts no process group, and fully_shard needs one (of one rank)
+        backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     if use_cpu:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -129,3 +136,21 @@ def agree_on_start(accelerator, start_from: Path | None) -> Path | None:
         raise TrainingError(f"rank {accelerator.process_index} cannot read checkpoint {path} (chosen by the main "
                             "process) whole: train.out_dir must be on storage every machine shares")
     return path
+
+
+def resolve_accumulation(config: RunConfig, world: int) -> RunConfig:
+    """train.global_batch_size: the sequences of one optimizer step, whatever the number of ranks, so a
+    run resumed on other ranks keeps its batch: gradient_accumulation_steps = global / (batch_size x ranks)."""
+    t = config.train
+    if t.global_batch_size is None:
+        return config
+    per_micro_step = t.batch_size * world
+    if t.global_batch_size % per_micro_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.batch_size="
+                          f"{t.batch_size} x {world} processes: choose a batch_size and a number of processes "
+                          "whose product divides it")
+    steps = t.global_batch_size // per_micro_step
+    if t.gradient_accumulation_steps not in (1, steps):
+        raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} contradicts "
+                          f"train.global_batch_size={t.global_batch_size} ({steps} on {world} processes): set one")
+    return dataclasses.replace(config, train=dataclasses.replace(t, gradient_accumulation_steps=steps))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from itertools import chain
 
 import torch
 
@@ -72,18 +73,63 @@ class Muon(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                    state["momentum_buffer"] = torch.zeros_like(p)  # a DTensor for a sharded p
+                buf, grad = local(state["momentum_buffer"]), local(p.grad)
+                buf.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 by_shape[tuple(p.shape)].append((p, update))
+            wholes = gather_whole(list(chain(*by_shape.values())))  # one collective for all, when sharded
             for shape, pairs in by_shape.items():
-                ortho = newton_schulz(torch.stack([u for _, u in pairs]), self.dtype)
+                ortho = newton_schulz(torch.stack([wholes[id(p)] for p, _ in pairs]), self.dtype)
                 lr = adjusted_lr(group["lr"], torch.Size(shape))
                 for (p, _), o in zip(pairs, ortho):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o.to(p.dtype), alpha=-lr)
+                    mine = local(p)
+                    mine.mul_(1 - group["lr"] * group["weight_decay"])
+                    mine.add_(own_rows(p, o).to(mine.dtype), alpha=-lr)
         return loss
+
+
+# Under FSDP2 (launch/sharding.py) a parameter, its gradient and its momentum are DTensors split by
+# rows over the ranks. Newton–Schulz needs the whole matrix: each rank gathers the whole update,
+# orthogonalises it (the same on every rank) and applies its own rows.
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rows of a DTensor this rank holds, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def gather_whole(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """{id(p): the whole update matrix} from (p, this rank's rows of its update) pairs. Sharded, every
+    rank's rows of all the matrices travel in one all-gather (each padded to FSDP2's chunk of
+    ceil(rows / ranks), as equal sizes must be), then are cut back into whole matrices."""
+    if not pairs or not hasattr(pairs[0][0], "to_local"):
+        return {id(p): u for p, u in pairs}
+    import torch.distributed as dist
+
+    mesh = pairs[0][0].device_mesh
+    world = mesh.size()
+    chunks = [-(-p.shape[0] // world) for p, _ in pairs]
+    send = torch.cat([torch.nn.functional.pad(u, (0, 0, 0, c - u.shape[0])).reshape(-1)
+                      for (_, u), c in zip(pairs, chunks)])
+    received = torch.empty(world * send.numel(), dtype=send.dtype, device=send.device)
+    dist.all_gather_into_tensor(received, send, group=mesh.get_group())
+    per_rank = received.view(world, -1)
+    out, offset = {}, 0
+    for (p, _), c in zip(pairs, chunks):
+        n, width = p.shape
+        block = per_rank[:, offset:offset + c * width].reshape(world * c, width)  # rank r's chunk at rows r*c
+        out[id(p)] = block[:n]  # the padding of the last chunks lies past row n
+        offset += c * width
+    return out
+
+
+def own_rows(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a whole matrix, as FSDP2 splits them (torch.chunk along dim 0)."""
+    if not hasattr(p, "to_local"):
+        return full
+    n, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    start = rank * -(-p.shape[0] // n)
+    return full[start:start + p.to_local().shape[0]]
 
 
 def muon_dtype(device: torch.device) -> torch.dtype:

@@ -1,16 +1,18 @@
-"""Training with Hugging Face Accelerate: one CPU, one GPU, DDP over GPUs or CPU processes, many machines.
+"""Training with Hugging Face Accelerate: one CPU, one GPU, DDP or FSDP2 over GPUs or CPU processes, many machines.
 
-    setup()     validates the config and the out_dir, before any work
-    main()      builds the Accelerator, data, model and optimizer, restores a checkpoint on --resume
-    fit()       the loop: get_lr() → train_step() (micro-steps with accumulate/backward → clip → step);
-                validate() every eval_interval, save_checkpoint() every checkpoint_interval
+    setup()       validates the config and the out_dir, before any work
+    main()        builds the Accelerator, data, model and optimizer, restores a checkpoint on --resume
+    distribute()  the model across the ranks: wrapped in DDP by Accelerate, or sharded (FSDP2)
+    fit()         the loop: get_lr() → train_step() (micro-steps with accumulate/backward → clip → step);
+                  validate() every eval_interval, save_checkpoint() every checkpoint_interval
 
 Which batch a step sees is a function of (seed, step, shard), the learning rate a function of the
-step, and Accelerate saves the optimizer and RNG states, so a run killed at any moment and resumed
-from its last checkpoint ends bit-identical (on CPU) to one never interrupted. The rest of the room:
-launch/start.py (from scratch, a transformers folder or a run of ours), launch/environment.py
-(Accelerator, lock, report), launch/checkpointing.py (the collective save),
-launch/flops.py (MFU), launch/metrics.py (metrics.jsonl).
+step, and each checkpoint holds the optimizer and RNG states, so a run killed at any moment and
+resumed from its last checkpoint ends bit-identical (on CPU) to one never interrupted. The rest of the
+room: launch/start.py (from scratch, a transformers folder or a run of ours), launch/environment.py
+(Accelerator, lock, report), launch/sharding.py (FSDP2), launch/checkpointing.py (the collective
+save, full or sharded), launch/console.py (what the run shows), launch/flops.py (MFU),
+launch/metrics.py (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -33,18 +35,34 @@ from gpt.files import write_atomic
 from gpt.model import GPT
 from gpt.sft import PackedRows, get_rows, prepare_chat
 from launch import TrainingError
-from launch.checkpointing import check_same_data, register_hooks, save_checkpoint
-from launch.console import TrainingConsole
+from launch.checkpointing import (
+    check_same_data,
+    is_sharded_checkpoint,
+    load_sharded_state,
+    register_hooks,
+    save_checkpoint,
+)
+from launch.console import TrainingConsole, chat_summary, log_start
 from launch.environment import (
     agree_on_start,
     environment_report,
     lock_run_folder,
     make_accelerator,
     release_run_folder,
+    resolve_accumulation,
 )
 from launch.flops import peak_flops
 from launch.metrics import append_metrics, truncate_metrics
 from launch.optim import make_optimizers, set_lr
+from launch.sharding import (
+    activation_checkpointing,
+    check_fsdp,
+    fsdp_requested,
+    peak_memory_gib,
+    shard,
+    sharding_report,
+    world_size,
+)
 from launch.start import base_tokenizer, build_model, take_shape_from_hf, take_shape_from_run
 
 
@@ -65,10 +83,12 @@ def get_lr(step: int, config: RunConfig) -> float:
 def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConfig, Path | None]:
     """Load and validate the config and decide where to start. Raises before any work is done."""
     config = load_run_config(config_path, overrides)
+    config = resolve_accumulation(config, world_size())
     if config.model.init_from:
         config = take_shape_from_hf(config)
     if config.train.init_from:
         config = take_shape_from_run(config, latest_checkpoint(config.train.out_dir) if resume else None)
+    check_fsdp(config, config.model)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
@@ -92,6 +112,15 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
                 f"cannot resume {start_from}: the config differs from the run's ({'; '.join(diffs)}); "
                 "resume with the run's own config, or start a new out_dir"
             )
+        sharded = is_sharded_checkpoint(start_from)
+        if sharded != fsdp_requested(config):
+            how = ("launch it with configs/accelerate/fsdp.yaml (on any number of processes)" if sharded
+                   else "launch it as it was, without FSDP")
+            raise ConfigError(
+                f"cannot resume {start_from}: it was written {'with' if sharded else 'without'} FSDP "
+                f"(train.parallelism): {how}, or start a new --train.out_dir from its weights with "
+                f"--train.init_from={start_from}"
+            )
     return config, start_from
 
 
@@ -111,7 +140,8 @@ def main(config: RunConfig, start_from: Path | None) -> TrainResult:
 
 
 def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
-    accelerator = make_accelerator(config)
+    fsdp = fsdp_requested(config)
+    accelerator = make_accelerator(config, fsdp)
     t = config.train
     out_dir = Path(t.out_dir)
     if accelerator.is_main_process:
@@ -120,12 +150,12 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     corpus = load_corpus(config, start_from)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
     model, imported = build_model(config, model_config, start_from, accelerator)
+    model.activation_checkpointing = activation_checkpointing(config)
     flops_per_token = model.flops_per_token()
     report = environment_report(accelerator, config, model)
     if imported is not None:
         report["init_from"] = imported
-    optimizers = make_optimizers(model, t, accelerator.device)  # AdamW, or Muon and AdamW (launch/optim.py)
-    model, *optimizers = accelerator.prepare(model, *optimizers)
+    model, optimizers = distribute(accelerator, model, config, fsdp, report)
     # From here each rank draws its own random numbers (dropout masks), as nanoGPT offsets the seed
     # by rank; rank 0 keeps the seed, so one process trains as before. Batches do not depend on it.
     from accelerate.utils import set_seed
@@ -135,7 +165,10 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
 
     start_step = 0
     if start_from is not None:
-        accelerator.load_state(str(start_from))
+        if fsdp:
+            load_sharded_state(accelerator, model, optimizers, start_from)
+        else:
+            accelerator.load_state(str(start_from))
         start_step = read_meta(start_from)["step"]
     if accelerator.is_main_process:
         if start_from is None:
@@ -166,6 +199,20 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
     return TrainResult(last, accelerator.unwrap_model(model, keep_torch_compile=False))
 
 
+def distribute(accelerator, model: GPT, config: RunConfig, fsdp: bool, report: dict) -> tuple[GPT, list]:
+    """The model and its optimizers (AdamW, or Muon and AdamW: launch/optim.py) on the device and across
+    the ranks: sharded by FSDP2 (launch/sharding.py), or wrapped by Accelerate (DDP, torch.compile)."""
+    if fsdp:  # every rank keeps its own rows of each weight
+        model = shard(model, config, accelerator.device)
+        report.update(distributed_type="FSDP2", sharding=sharding_report(model))
+    optimizers = make_optimizers(model, config.train, accelerator.device)
+    if not fsdp:
+        model, *optimizers = accelerator.prepare(model, *optimizers)
+        return model, optimizers
+    prepared = accelerator.prepare(*optimizers)  # not the model: on a CPU Accelerate would wrap it in DDP
+    return model, list(prepared) if len(optimizers) > 1 else [prepared]
+
+
 def load_corpus(config: RunConfig, start_from: Path | None) -> TokenizedCorpus:
     """The prepared corpus, checked against the run being resumed and against the model's window.
 
@@ -189,42 +236,6 @@ def load_corpus(config: RunConfig, start_from: Path | None) -> TokenizedCorpus:
             raise DataError(f"the {split} split holds no conversation ({corpus.stats['splits']}): add conversations, "
                             "or change data.val_fraction")
     return corpus
-
-
-def log_start(console: TrainingConsole, accelerator, config: RunConfig, model_config, report: dict,
-              start_from: Path | None, start_step: int, imported: dict | None) -> None:
-    """What the run is, on the console: versions and device, the model, the resolved config, where it starts."""
-    console.log(
-        f"gpt {report['versions']['gpt']} · torch {torch.__version__} · {report['device_name']} "
-        f"({report['device']}) · world size {report['world_size']} · precision {report['mixed_precision']} · "
-        f"{torch.get_num_threads()} threads/process"
-    )
-    if accelerator.device.type == "cuda" and peak_flops(accelerator.device, accelerator.mixed_precision) is None:
-        console.log(f"MFU: unknown GPU {torch.cuda.get_device_name(accelerator.device)!r} (no peak in "
-                    "launch.flops.PEAK_FLOPS), so no MFU is shown")
-    console.log(f"model: {model_config.num_layers} layers, {model_config.num_heads} heads, "
-                f"{model_config.embedding_dim} dim, block {model_config.block_size}, vocab {model_config.vocab_size}, "
-                f"{report['model_parameters'] / 1e6:.2f}M parameters · out_dir {config.train.out_dir}")
-    for section, values in report["resolved_config"].items():
-        console.log(f"{section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    if imported is not None:
-        p = imported["parity"]
-        checked = (f"logits within {p['max_rel_logit_error']:.1e} of transformers', greedy {p['greedy_tokens']} "
-                   f"tokens identical: {p['greedy_identical']}" if p.get("checked") else p.get("note", "not compared"))
-        source = config.model.init_from or "train.init_from"
-        console.log(f"starting from {source} ({imported['from']}): {checked}")
-    else:
-        console.log(f"resuming from {start_from} at step {start_step}" if start_from else "starting from scratch")
-
-
-def chat_summary(corpus: TokenizedCorpus) -> str:
-    """What fine-tuning learns from: conversations, packed rows, the tokens the loss counts, what was left out."""
-    st = corpus.stats
-    splits = "; ".join(f"{name} {s['conversations']:,} conversations in {s['rows']:,} rows, {s['trained_tokens']:,} of "
-                       f"{s['packed_tokens']:,} tokens learned" for name, s in st["splits"].items())
-    skipped = ", ".join(f"{n} {k}" for k, n in st["skipped"].items()) or "nothing"
-    where = f" (first: {'; '.join(st['skipped_examples'][:3])})" if st["skipped_examples"] else ""
-    return f"chat data: {splits}; left out: {skipped}{where}; a turn ends with {corpus.tokenizer.chat.eos_token}"
 
 
 # --- fit: the loop ---------------------------------------------------------------------------------
@@ -251,7 +262,7 @@ def fit(accelerator, model, optimizers: list, corpus: TokenizedCorpus, config: R
         if evaluated:
             last.update(evaluate(accelerator, model, corpus, config, console, done))
         if saving:
-            path = save_checkpoint(accelerator, model, corpus, config, done,
+            path = save_checkpoint(accelerator, model, optimizers, corpus, config, done,
                                    {k: v for k, v in last.items() if k != "step"})
             console.log(f"saved {path}")
         if evaluated or saving:
@@ -293,8 +304,11 @@ class StepLog:
             )
         tps = self.tokens_per_step * self.steps / (time.perf_counter() - self.timer)
         mfu = self.flops_per_token * tps / (self.peak * a.num_processes) if self.peak else None
-        record = {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
-        self.console.step(done, mean_loss, lr, tps, mfu)
+        memory = torch.tensor([peak_memory_gib(a.device)], device=a.device)
+        memory = a.gather(memory).max().item() if a.num_processes > 1 else memory.item()  # the fullest rank's
+        record = {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu,
+                  "peak_memory_gib": memory}
+        self.console.step(done, mean_loss, lr, tps, mfu, memory)
         if a.is_main_process:
             append_metrics(Path(t.out_dir) / "metrics.jsonl", {**record, "time": time.time()})
         a.log({"train/loss": mean_loss, "lr": lr, "tokens_per_s": tps, **({"mfu": mfu} if mfu else {})}, step=done)

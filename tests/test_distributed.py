@@ -1,4 +1,4 @@
-"""DDP through `accelerate launch` on CPU processes (gloo): really synchronised, really equivalent."""
+"""DDP (and FSDP2) through `accelerate launch` on CPU processes (gloo): really synchronised, really equivalent."""
 
 import json
 import subprocess
@@ -38,8 +38,10 @@ def assert_same(a, b, exact=True):
 
 def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_global_batch(tmp_path):
     """On a BPE corpus (the char one is the slow-ranks test's): 2 ranks stay bit-identical, and equal
-    one process that accumulates the same global batch."""
-    tokenizer = BPE
+    one process that accumulates the same global batch. FSDP2 over the same 2 ranks holds half of
+    every weight and ends bit-identical to DDP (without clipping: a sharded gradient norm is summed in
+    another order, equal to ~1e-8, not bitwise)."""
+    tokenizer = [*BPE, "--train.grad_clip=0"]
     ddp = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY),
                      f"--train.out_dir={tmp_path / 'ddp'}", *COMMON, *tokenizer)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
@@ -47,6 +49,15 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
     assert run["world_size"] == 2
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert_same(rank0, rank1)  # synchronised: the two replicas end bit-identical
+
+    fsdp = accelerate("--config_file", "configs/accelerate/fsdp.yaml", PROBE, str(TINY),
+                      f"--train.out_dir={tmp_path / 'fsdp'}", *COMMON, *tokenizer)
+    assert fsdp.returncode == 0, fsdp.stdout + fsdp.stderr
+    from test_fsdp import assert_really_sharded
+
+    assert_really_sharded(tmp_path / "fsdp", fsdp.stdout)
+    assert_same(rank0, load_file(str(tmp_path / "fsdp" / "rank0.safetensors")))  # bit-identical to DDP
+    assert_same(rank0, load_file(str(tmp_path / "fsdp" / "rank1.safetensors")))
 
     # one process accumulating 2 micro-batches sees the same global batch as 2 ranks of 1
     single = subprocess.run([sys.executable, PROBE, str(TINY), f"--train.out_dir={tmp_path / 'one'}", *COMMON,
