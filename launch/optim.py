@@ -112,7 +112,7 @@ def gather_whole(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, to
     send = torch.cat([torch.nn.functional.pad(u, (0, 0, 0, c - u.shape[0])).reshape(-1)
                       for (_, u), c in zip(pairs, chunks)])
     received = torch.empty(world * send.numel(), dtype=send.dtype, device=send.device)
-    dist.all_gather_into_tensor(received, send, group=mesh.get_group())
+    dist.all_gather_single(received, send, group=mesh.get_group())
     per_rank = received.view(world, -1)
     out, offset = {}, 0
     for (p, _), c in zip(pairs, chunks):

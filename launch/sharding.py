@@ -109,7 +109,7 @@ def shard(model, config: RunConfig, device: torch.device):
     # A block returns its keys and values (views of one projection) beside its output; nothing changes
     # them in place, which is what FSDP2 warns about for every view a wrapped module returns.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    if device.type == "cpu":
+    if device.type == "cpu" and world_size() > 1:
         return_gathered_memory()
     model.to(device)
     mesh = init_device_mesh(device.type, (world_size(),))

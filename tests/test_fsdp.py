@@ -1,17 +1,17 @@
 """FSDP2 on CPU processes (gloo): really sharded, equal to DDP, sharded checkpoints that resume on any
 number of ranks and export like full ones (launch/sharding.py, launch/checkpointing.py)."""
 
+import contextlib
+import io
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from test_distributed import PROBE, accelerate, assert_same
 
-from conftest import ROOT, TINY, subprocess_env
+from conftest import TINY
 from gpt.checkpoint import load_checkpoint, weights_sha256, write_model_files
 from gpt.config import ConfigError
 from launch.train import setup
@@ -57,24 +57,35 @@ def assert_really_sharded(run_dir, stdout):
     assert {"rng-rank-00000.safetensors", "rng-rank-00001.safetensors"} <= set(meta["files"])
 
 
-def single(out, *args):
-    """python -m launch in one process: FSDP over a process group of one (it resumes any sharded checkpoint)."""
-    proc = subprocess.run([sys.executable, "-m", "launch", str(TINY), f"--train.out_dir={out}", *args], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+@pytest.fixture
+def one_rank(fresh_accelerate):
+    """Training with train.parallelism=fsdp in this process: FSDP over a process group of one, which
+    is taken down again after the test."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
-def test_a_sharded_run_resumes_bit_identical_with_its_random_numbers(tmp_path):
+def single(out, *args, resume=False):
+    """One process, FSDP over a process group of one (it resumes any sharded checkpoint), in this
+    process as `python -m launch` runs it; returns the console's lines."""
+    from launch.train import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        main(*setup(str(TINY), [f"--train.out_dir={out}", *args], resume=resume))
+    return printed.getvalue()
+
+
+def test_a_sharded_run_resumes_bit_identical_with_its_random_numbers(tmp_path, one_rank):
     args = [*COMMON, "--train.parallelism=fsdp", "--model.dropout=0.1"]  # dropout: the RNG state matters
     single(tmp_path / "straight", *args)
     copy_checkpoint(tmp_path / "straight", 10, tmp_path / "resumed")
-    assert "resuming from" in single(tmp_path / "resumed", *args, "--resume")
+    assert "resuming from" in single(tmp_path / "resumed", *args, resume=True)
     assert_same(load_checkpoint(tmp_path / "straight")[0].state_dict(),
                 load_checkpoint(tmp_path / "resumed")[0].state_dict())
 
 
-def test_sharded_checkpoints_resume_on_one_and_two_ranks_survive_a_dying_rank_and_export(tmp_path):
+def test_sharded_checkpoints_resume_on_one_and_two_ranks_survive_a_dying_rank_and_export(tmp_path, one_rank):
     """One process accumulating 2 micro-batches sees the global batch of 2 ranks: 1 -> 2 -> 1 ranks
     over one run ends where the one-process run ends, bit for bit (no dropout: its masks depend on the
     number of ranks). A rank that dies mid-save leaves `latest` on the previous checkpoint."""
@@ -92,7 +103,7 @@ def test_sharded_checkpoints_resume_on_one_and_two_ranks_survive_a_dying_rank_an
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000030"
     assert not (out / "checkpoints" / "step-000040").exists()
     assert rows_per_rank(out / "checkpoints" / "step-000030", "blocks.0.mlp.fc.weight") == [64, 64]
-    back = single(out, *one, "--resume")  # 2 -> 1 rank at step 30
+    back = single(out, *one, resume=True)  # 2 -> 1 rank at step 30
     assert "resuming from" in back and "step-000030" in back
     # the same bits: each rank read exactly the rows it held, Muon's momentum included
     assert_same(reference, load_checkpoint(out)[0].state_dict())
@@ -104,10 +115,10 @@ def test_sharded_checkpoints_resume_on_one_and_two_ranks_survive_a_dying_rank_an
     full.mkdir()
     write_model_files(full, model, tokenizer, {"step": 30}, json.loads((sharded / "run_config.json").read_text()))
     assert weights_sha256(sharded, model) == weights_sha256(full, model)
-    export = subprocess.run([sys.executable, "-m", "export", str(sharded), str(tmp_path / "export")], cwd=ROOT,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert export.returncode == 0, export.stdout + export.stderr
-    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    from export.pipeline import export
+
+    manifest = export(sharded, tmp_path / "export", log=lambda line: None)  # every gate passed, or it raises
+    assert manifest == json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["source"]["model_sha256"] == weights_sha256(full, model)
     assert manifest["source"]["step"] == 30
 
