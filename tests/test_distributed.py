@@ -38,9 +38,9 @@ def assert_same(a, b, exact=True):
 
 def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_global_batch(tmp_path):
     """On a BPE corpus (the char one is the slow-ranks test's): 2 ranks stay bit-identical, and equal
-    one process that accumulates the same global batch. FSDP2 over the same 2 ranks holds half of
-    every weight and ends bit-identical to DDP (without clipping: a sharded gradient norm is summed in
-    another order, equal to ~1e-8, not bitwise)."""
+    one process that accumulates the same global batch. FSDP2 over the same 2 ranks, launched as two
+    machines on loopback, holds half of every weight and ends bit-identical to DDP (without clipping:
+    a sharded gradient norm is summed in another order, equal to ~1e-8, not bitwise)."""
     tokenizer = [*BPE, "--train.grad_clip=0"]
     ddp = accelerate("--config_file", "configs/accelerate/cpu_ddp.yaml", PROBE, str(TINY),
                      f"--train.out_dir={tmp_path / 'ddp'}", *COMMON, *tokenizer)
@@ -50,12 +50,19 @@ def test_two_cpu_processes_train_in_sync_and_match_one_process_on_the_same_globa
     rank0, rank1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
     assert_same(rank0, rank1)  # synchronised: the two replicas end bit-identical
 
-    fsdp = accelerate("--config_file", "configs/accelerate/fsdp.yaml", PROBE, str(TINY),
-                      f"--train.out_dir={tmp_path / 'fsdp'}", *COMMON, *tokenizer)
-    assert fsdp.returncode == 0, fsdp.stdout + fsdp.stderr
+    # FSDP2 over two machines on loopback (one process each): the launcher's multi-node path and sharding
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
+         "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), PROBE, str(TINY), f"--train.out_dir={tmp_path / 'fsdp'}", *COMMON,
+         *tokenizer], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     from test_fsdp import assert_really_sharded
 
-    assert_really_sharded(tmp_path / "fsdp", fsdp.stdout)
+    assert_really_sharded(tmp_path / "fsdp", outputs[0])
     assert_same(rank0, load_file(str(tmp_path / "fsdp" / "rank0.safetensors")))  # bit-identical to DDP
     assert_same(rank0, load_file(str(tmp_path / "fsdp" / "rank1.safetensors")))
 
@@ -91,21 +98,6 @@ def test_slow_ranks_are_waited_for_and_each_rank_draws_its_own_random_numbers(tm
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(meta["files"]), step
         for name, size in meta["files"].items():
             assert (checkpoints / step / name).stat().st_size == size, (step, name)
-
-
-def test_two_machines_on_loopback(tmp_path):
-    port = free_port()
-    out = tmp_path / "nodes"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-         "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-         "--main_process_port", str(port), PROBE, str(TINY), f"--train.out_dir={out}", *COMMON],
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-    assert json.loads((out / "run.json").read_text())["world_size"] == 2
-    assert_same(load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors")))
 
 
 def test_a_rank_that_raises_ends_the_job_quickly(tmp_path):
