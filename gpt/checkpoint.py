@@ -9,8 +9,9 @@
                             size of every other file in the folder (written last)
         optimizer.bin, random_states_*.pkl, ...   resumable state written by Accelerate's save_state
     or, written by FSDP (launch/sharding.py), every rank its own rows of each tensor, as safetensors:
-        model/, optimizer/  shard-NNNNN-model-00001-of-00001.safetensors, one per rank, in place of
-                            model.safetensors and optimizer.bin (torch.distributed.checkpoint's format)
+        model/, optimizer/  shard-RANK-model-FILE-of-N.safetensors, one file per block (and one for the
+                            rest) per rank, in place of model.safetensors and optimizer.bin
+                            (torch.distributed.checkpoint's safetensors format)
         rng-rank-NNNNN.safetensors   each rank's random number generator states
     RUN_DIR/checkpoints/latest   the name of the newest complete checkpoint
     RUN_DIR/checkpoints/best     the name of the one with the lowest validation loss (kept when pruning)
@@ -28,6 +29,7 @@ reads its own state files with torch.load(weights_only=True).)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -36,10 +38,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 from gpt.config import ModelConfig, model_config_from_dict
-from gpt.files import publish_folder, save_safetensors, write_atomic
+from gpt.files import publish_folder, save_safetensors, sha256_file, write_atomic
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_sha256
 
@@ -208,7 +210,7 @@ def weights_to_save(model: GPT) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     path = folder / "model.safetensors"
-    if not path.is_file() and (folder / SHARDED_WEIGHTS).is_dir():
+    if not path.is_file() and is_sharded_checkpoint(folder):
         return load_sharded_weights(model, folder)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; use an earlier one")
@@ -224,16 +226,15 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         model.lm_head.weight = model.token_embedding.weight
 
 
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Written by FSDP: the weights are in model/, in every rank's shards."""
+    return (Path(folder) / SHARDED_WEIGHTS).is_dir()
+
+
 def weights_sha256(folder: Path, model: GPT) -> str:
     """The sha256 of the checkpoint's weights as model.safetensors holds them. A sharded checkpoint has
     no such file: the same bytes are made from its weights, so the same weights give the same hash."""
-    import hashlib
-
-    from safetensors.torch import save
-
     if (folder / "model.safetensors").is_file():
-        from gpt.files import sha256_file
-
         return sha256_file(folder / "model.safetensors")
     return hashlib.sha256(save(weights_to_save(model), metadata={"format": FORMAT})).hexdigest()
 

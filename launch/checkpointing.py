@@ -26,7 +26,7 @@ from gpt.data import TokenizedCorpus
 from gpt.files import staging
 from gpt.tokenizer import tokenizer_sha256
 from launch import TrainingError
-from launch.optim import local
+from launch.sharding import local
 
 
 def save_checkpoint(accelerator, model, optimizers: list, corpus: TokenizedCorpus, config: RunConfig, step: int,
@@ -154,7 +154,7 @@ def _load_weights_for_load_state(models, input_dir) -> None:
 #
 # torch.distributed.checkpoint (DCP) writes every rank's own rows, in parallel, and reads them back
 # onto any number of ranks: each rank asks for the rows it now holds, wherever they were written.
-# The storage is DCP's safetensors format: one file per rank in model/ and optimizer/, each tensor's
+# The storage is DCP's safetensors format: in model/ and optimizer/ a file per block per rank, each tensor's
 # place in the whole recorded as JSON in the file's header. Nothing is pickled, and no rank ever holds
 # the whole state. Hyperparameters (learning rates, betas) are not saved: they come from the config.
 
@@ -162,13 +162,6 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-def is_sharded_checkpoint(folder: Path) -> bool:
-    """Written by FSDP: the weights are in model/, in every rank's shards."""
-    from gpt.checkpoint import SHARDED_WEIGHTS
-
-    return (Path(folder) / SHARDED_WEIGHTS).is_dir()
 
 
 def rng_file(rank: int) -> str:
@@ -180,11 +173,15 @@ def _state_dicts(model, optimizers: list) -> tuple[dict, dict]:
     keyed by parameter name; building it gives a fresh optimizer its state (zeros) to load into."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    inner = [getattr(o, "optimizer", o) for o in optimizers]  # Accelerate's wrappers hold the torch optimizers
-    weights, optim = get_state_dict(model, inner, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    weights, optim = get_state_dict(model, _unwrapped(optimizers), options=flat)
     if model.config.tie_embeddings:  # one tensor under two names: stored (and read back) once
         weights.pop("lm_head.weight", None)
     return weights, optim
+
+
+def _unwrapped(optimizers: list) -> list:
+    return [getattr(o, "optimizer", o) for o in optimizers]  # Accelerate's wrappers hold the torch optimizers
 
 
 def _tensors(state: dict) -> dict:
@@ -241,8 +238,7 @@ def load_sharded_state(accelerator, model, optimizers: list, folder: Path) -> No
                             f"({str(e).strip().splitlines()[-1][:300]}); resume with the run's own "
                             "train.optimizer, or start a new run from its weights with --train.init_from") from None
     optim.update(tensors)
-    inner = [getattr(o, "optimizer", o) for o in optimizers]
-    set_state_dict(model, inner, model_state_dict=weights, optim_state_dict=optim,
+    set_state_dict(model, _unwrapped(optimizers), model_state_dict=weights, optim_state_dict=optim,
                    options=StateDictOptions(flatten_optimizer_state_dict=True, strict=not model.config.tie_embeddings))
     path = folder / rng_file(accelerator.process_index)
     if path.is_file() and read_meta(folder).get("sharded", {}).get("world_size") == accelerator.num_processes:

@@ -26,6 +26,8 @@ from itertools import chain
 
 import torch
 
+from launch.sharding import local
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's quintic)
 NS_STEPS = 5
 EPS = 1e-7
@@ -92,11 +94,6 @@ class Muon(torch.optim.Optimizer):
 # Under FSDP2 (launch/sharding.py) a parameter, its gradient and its momentum are DTensors split by
 # rows over the ranks. Newton–Schulz needs the whole matrix: each rank gathers the whole update,
 # orthogonalises it (the same on every rank) and applies its own rows.
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rows of a DTensor this rank holds, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
 
 def gather_whole(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """{id(p): the whole update matrix} from (p, this rank's rows of its update) pairs. Sharded, every

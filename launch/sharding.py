@@ -6,11 +6,12 @@ DTensor: a rank all-gathers a block's weights just before the block runs, frees 
 reduce-scatters the gradients in backward, so it keeps, and steps, only its own rows of everything.
 Memory per rank falls to about 1/N of DDP's, plus one block's gathered weights and the activations.
 
-    fsdp_requested()   train.parallelism, or `auto` and an Accelerate FSDP config (ACCELERATE_USE_FSDP)
-    check_fsdp()       what FSDP here can and cannot do, refused before any work with the key and the fix
-    accelerate_env()   Accelerate must not see its FSDP config: see below
-    shard()            activation checkpointing, torch.compile per block, then fully_shard per block and root
-    sharding_report()  what is sharded and how much of it this rank holds, for run.json and the console
+    fsdp_requested()            train.parallelism, or `auto` and an Accelerate FSDP config (ACCELERATE_USE_FSDP)
+    check_fsdp()                what FSDP here cannot do, refused before any work with the key and the fix
+    accelerate_env()            Accelerate must not see its FSDP config: see below
+    activation_checkpointing()  train.activation_checkpointing, or the Accelerate config's fsdp_activation_checkpointing
+    shard()                     torch.compile per block, then fully_shard per block and root
+    sharding_report()           what is sharded and how much of it this rank holds, for run.json and the console
 
 Why the model is sharded here and not by accelerator.prepare(): Accelerate drops its FSDP plugin when
 the device is the CPU and wraps the model in DDP without a word, so the same config would be FSDP on
@@ -53,7 +54,7 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_fsdp(config: RunConfig, model_config) -> None:
+def check_fsdp(config: RunConfig) -> None:
     """Refuse, before any work, what FSDP here cannot do, naming the key and the fix."""
     t = config.train
     if t.parallelism == "ddp" and _env_true("ACCELERATE_USE_FSDP"):
@@ -72,7 +73,7 @@ def check_fsdp(config: RunConfig, model_config) -> None:
         raise ConfigError("train.mixed_precision=fp16 is not supported with FSDP (its grad scaler does not shard): "
                           "use bf16")
     world = world_size()  # one process is allowed: it shards nothing, but resumes any sharded checkpoint
-    m = model_config
+    m = config.model
     rows = m.embedding_dim  # the fewest rows of any weight: a norm's gain, or llama's k and v projections
     if m.arch == "llama":
         rows = min(rows, m.kv_heads * m.head_dim)
@@ -144,24 +145,24 @@ def return_gathered_memory() -> None:
         pass
 
 
-def local_rows(p: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter (a DTensor under FSDP), or the whole tensor."""
-    return p.to_local() if hasattr(p, "to_local") else p
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a DTensor (a parameter, its gradient or state under FSDP), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sharding_report(model) -> dict:
     """What is sharded, over how many ranks, and how much of it this rank holds."""
-    seen, total, local, example = set(), 0, 0, None
+    seen, total, here, example = set(), 0, 0, None
     for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
-        local += local_rows(p).numel()
+        here += local(p).numel()
         if example is None and name.startswith("blocks.") and p.dim() == 2:
-            example = f"{name} {tuple(p.shape)} holds {tuple(local_rows(p).shape)} here"
+            example = f"{name} {tuple(p.shape)} holds {tuple(local(p).shape)} here"
     return {"strategy": "FSDP2 (fully_shard: each block, then the root)", "world_size": world_size(),
-            "parameters": total, "parameters_here": local, "example": example}
+            "parameters": total, "parameters_here": here, "example": example}
 
 
 def peak_memory_gib(device: torch.device) -> float:

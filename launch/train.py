@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from gpt.checkpoint import latest_checkpoint, read_meta, read_run_config
+from gpt.checkpoint import is_sharded_checkpoint, latest_checkpoint, read_meta, read_run_config
 from gpt.config import ConfigError, RunConfig, load_run_config
 from gpt.data import TokenizedCorpus, bits_per_byte, get_batch, prepare, require_windows
 from gpt.datasets import DataError
@@ -37,7 +37,6 @@ from gpt.sft import PackedRows, get_rows, prepare_chat
 from launch import TrainingError
 from launch.checkpointing import (
     check_same_data,
-    is_sharded_checkpoint,
     load_sharded_state,
     register_hooks,
     save_checkpoint,
@@ -88,7 +87,7 @@ def setup(config_path: str, overrides: list[str], resume: bool) -> tuple[RunConf
         config = take_shape_from_hf(config)
     if config.train.init_from:
         config = take_shape_from_run(config, latest_checkpoint(config.train.out_dir) if resume else None)
-    check_fsdp(config, config.model)
+    check_fsdp(config)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible: use --train.device=auto or cpu")
     if config.train.mixed_precision == "fp16" and not (config.train.device != "cpu" and torch.cuda.is_available()):
