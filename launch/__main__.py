@@ -38,4 +38,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    from gpt.cli import leave
+
+    leave(run())

@@ -18,7 +18,6 @@ launch/metrics.py (metrics.jsonl).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import time
@@ -190,10 +189,10 @@ def _train(config: RunConfig, start_from: Path | None) -> TrainResult:
         console.close()
     if t.log_with != "none":
         accelerator.end_training()
-    if accelerator.is_main_process and importlib.util.find_spec("matplotlib") is not None:
-        from launch.plot import plot_losses
+    if accelerator.is_main_process:
+        from launch.plot import loss_svg
 
-        console.log(f"wrote {plot_losses(out_dir)}")
+        console.log(f"wrote {loss_svg(out_dir)}")
     accelerator.wait_for_everyone()
     return TrainResult(last, accelerator.unwrap_model(model, keep_torch_compile=False))
 

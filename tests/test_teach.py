@@ -3,6 +3,7 @@
 import struct
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -42,7 +43,13 @@ def test_loss_curve_png(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     width, height = png_size(out)
     assert 600 <= width <= 2000 and 400 <= height <= 1500
-    assert png_size(run_dir / "loss.png")  # training drew one at the end of the run too
+    svg = tmp_path / "loss.svg"  # the same curves without matplotlib, as training writes them
+    assert subprocess.run([sys.executable, "-m", "launch.plot", str(run_dir), "--out", str(svg)], cwd=ROOT,
+                          env=subprocess_env()).returncode == 0
+    assert svg.read_text() == (run_dir / "loss.svg").read_text()  # training drew it at the end of the run
+    root = ElementTree.fromstring(svg.read_text())  # well-formed, with a point per evaluation
+    evaluations = sum("val_loss" in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert len([c for c in root.iter("{http://www.w3.org/2000/svg}circle")]) == 2 * evaluations >= 4
 
 
 @pytest.mark.slow
