@@ -1,13 +1,14 @@
 """A checkpoint to a verified ONNX export folder, as a list of named steps.
 
     export()   load the checkpoint → PyTorch's side of every gate, computed once (export/verify.py:
-               the parity grids, 200 greedy tokens, the validation loss) → the portable graph, written
+               the parity grids, the validation loss) → the portable graph, written
                from the weights (export/portable.py; or traced with --exporter dynamo|torchscript,
                export/graph.py) → (--optimize) the fused graph from the same weights (export/fused.py)
                → release the PyTorch model → int8 / int4 / int8-weights / fp16 variants from the graphs
                on disk (export/variants.py) → each graph through its gates, one onnxruntime session at
-               a time → pack the graphs under the external-data threshold into one file each →
-               genai_config.json (export/genai.py) → manifest.json, written once → publish the folder
+               a time → the model loaded again to check the fp32 graphs' 200 greedy tokens → pack
+               the graphs under the external-data threshold into one file each → genai_config.json
+               (export/genai.py) → manifest.json, written once → publish the folder
                (export/destination.py)
 
 The folder is built in a staging folder beside EXPORT_DIR (gpt.files.staging), flushed to disk and
@@ -97,7 +98,7 @@ def export(source: str | Path, export_dir: str | Path, *, int8: bool = False, fp
             if variant in graphs:
                 add_graph(manifest, variant, graphs[variant])
         tokenizer.save(tmp / "tokenizer.json")
-        verify_all(references, tmp, manifest, variants, optimize, log)
+        verify_all(references, tmp, manifest, variants, optimize, log, folder)
         with timed(timings, "pack"):
             for variant, name in manifest["files"].items():
                 manifest["graphs"][variant]["files"] = onnxfile.finish(tmp / name, external_data_above)
@@ -141,13 +142,31 @@ def from_model(model: GPT, tokenizer, folder: Path, tmp: Path, variants: list[st
 
 
 def verify_all(references: dict, tmp: Path, manifest: dict, variants: list[str], optimize: bool,
-               log: Callable[[str], None]) -> None:
-    """Every graph through its gates, one session at a time: a failed gate fails the export."""
-    verify_portable(references, tmp, manifest, log)
+               log: Callable[[str], None], folder: Path) -> None:
+    """Every graph through its gates, one session at a time: a failed gate fails the export. The fp32
+    graphs' greedy tokens are checked by PyTorch last, the model loaded again once every session is
+    closed (verify.greedy_agreement)."""
+    decoded = {"greedy": verify_portable(references, tmp, manifest, log)}
     if optimize:
-        verify_fused(references, tmp, manifest, log)
+        decoded["fused_greedy"] = verify_fused(references, tmp, manifest, log)
     if variants:
         manifest["quality"] = verify_variants(references, tmp, manifest, variants, log)
+    with timed(manifest["timings"], "verify greedy"):
+        model, _, _ = load_checkpoint(folder)
+        model.float().eval()
+        checked: dict[tuple, dict] = {}  # the two graphs mostly decode the same tokens: checked once
+        for key, tokens in decoded.items():
+            if tuple(tokens) not in checked:
+                checked[tuple(tokens)] = verify.greedy_agreement(model, references["greedy"], tokens)
+            manifest["parity"][key] = checked[tuple(tokens)]
+        del model
+        release_memory()
+    for key, (graph, fix) in {"greedy": ("ONNX Runtime", portable_fix(manifest)),
+                              "fused_greedy": ("the fused graph", "export without --optimize")}.items():
+        if key in decoded:
+            greedy = manifest["parity"][key]
+            log(f"{graph}: {greedy['tokens']} greedy tokens identical to PyTorch's: {greedy['identical']}")
+            verify.require(None, greedy, graph, fix)
 
 
 def describe(config: ModelConfig, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
@@ -224,34 +243,41 @@ def session(tmp: Path, manifest: dict, variant: str, what: str, fix: str, **kwar
         release_memory()
 
 
-def verify_portable(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
-    """The parity grid and greedy identity; a graph that fails either fails the export."""
-    fix = ("the builder writes the model as gpt/model.py ships it: if the model's code changed, export with "
-           "--exporter dynamo, which traces it" if manifest["export_options"]["exporter"] == "builder"
-           else "the export is not usable")
+def portable_fix(manifest: dict) -> str:
+    return ("the builder writes the model as gpt/model.py ships it: if the model's code changed, export with "
+            "--exporter dynamo, which traces it" if manifest["export_options"]["exporter"] == "builder"
+            else "the export is not usable")
+
+
+def verify_portable(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> list[int]:
+    """The parity grid, then 200 greedy tokens (returned, for PyTorch to check once the sessions are
+    closed); a graph that fails the grid fails the export."""
+    fix = portable_fix(manifest)
     with timed(manifest["timings"], "verify"), session(tmp, manifest, "fp32", "the portable graph", fix,
                                                        threads=0) as runtime:
         parity = verify.parity_grid(references["parity"], runtime)
-        greedy = verify.greedy_parity(references["greedy"], runtime)
-    manifest["parity"] = {"fp32": parity, "greedy": greedy}
+        verify.require(parity, None, "ONNX Runtime", fix)
+        tokens = verify.greedy_run(references["greedy"], runtime)
+    manifest["parity"] = {"fp32": parity}
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
-        f"(tolerance {verify.FP32_TOLERANCE:.0e}); greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    verify.require(parity, greedy, "ONNX Runtime", fix)
+        f"(tolerance {verify.FP32_TOLERANCE:.0e})")
+    return tokens
 
 
-def verify_fused(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> None:
+def verify_fused(references: dict, tmp: Path, manifest: dict, log: Callable[[str], None]) -> list[int]:
     """The fused graph (export/fused.py) through the portable graph's gates: the parity grid (with
-    ragged rows, as its batches run) and 200 greedy tokens identical to PyTorch."""
+    ragged rows, as its batches run), then its 200 greedy tokens (returned, as verify_portable's)."""
     with timed(manifest["timings"], "verify fused"), session(tmp, manifest, "fused", "the fused graph",
                                                              "export without --optimize") as runtime:
         parity = verify.shared_parity_grid(references["shared"], runtime)
-        greedy = verify.greedy_parity(references["greedy"], runtime)
-    manifest["parity"]["fused"], manifest["parity"]["fused_greedy"] = parity, greedy
+        verify.require(parity, None, "the fused graph", "export without --optimize")
+        tokens = verify.greedy_run(references["greedy"], runtime)
+    manifest["parity"]["fused"] = parity
     graph = manifest["graphs"]["fused"]
     fused = ", ".join(f"{graph['ops'][op]} {op}" for op in FUSED_OPS if graph["ops"].get(op))
     log(f"fused graph: {graph['nodes']} nodes ({fused}); parity: {parity['cases']} cases, max |Δlogits|/scale "
-        f"{parity['max_rel_logit_error']:.2e}; greedy {greedy['tokens']} tokens identical: {greedy['identical']}")
-    verify.require(parity, greedy, "the fused graph", "export without --optimize")
+        f"{parity['max_rel_logit_error']:.2e}")
+    return tokens
 
 
 def verify_variants(references: dict, tmp: Path, manifest: dict, variants: list[str],

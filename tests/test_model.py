@@ -77,6 +77,25 @@ def test_cached_generation_equals_uncached_past_block_size(params):
     assert len(cached) == n and cached == uncached
 
 
+@pytest.mark.parametrize("block", [16, 64], ids=["refilled", "one-window"])
+def test_greedy_gate_checks_decoded_tokens_in_one_forward_per_window(block):
+    """export.verify.greedy_agreement: PyTorch's own greedy tokens pass, past block_size too (the
+    windows refilled as generate() refills them); a changed token, or an early end, is found where it is."""
+    from export.verify import greedy_agreement
+
+    model = tiny(block_size=block)
+    gate = {"prompt": "", "ids": [1, 2, 3, 4, 5, 6, 7, 8], "tokens": 50, "stop": []}
+    tokens = list(generate(model, gate["ids"], 50, SamplingParams(greedy=True)))
+    assert greedy_agreement(model, gate, tokens) == {"tokens": 50, "identical": True, "first_difference": None}
+    for at in (0, 13, 31, 49):
+        wrong = tokens[:at] + [(tokens[at] + 1) % 65] + tokens[at + 1:]
+        assert greedy_agreement(model, gate, wrong)["first_difference"] == at
+    assert greedy_agreement(model, gate, tokens[:40])["first_difference"] == 40  # stopped with no stop token
+    stop = {**gate, "stop": [tokens[39]]}  # a stop token ends it where generate() ends it
+    assert greedy_agreement(model, stop, tokens[:40])["first_difference"] == \
+        (None if tokens[39] not in tokens[:39] else tokens.index(tokens[39]) + 1)
+
+
 def test_generation_is_seeded():
     model = tiny()
     params = SamplingParams(temperature=1.0)
