@@ -166,7 +166,7 @@ def verify_all(references: dict, tmp: Path, manifest: dict, variants: list[str],
         if key in decoded:
             greedy = manifest["parity"][key]
             log(f"{graph}: {greedy['tokens']} greedy tokens identical to PyTorch's: {greedy['identical']}")
-            verify.require(None, greedy, graph, fix)
+            verify.require_greedy(greedy, graph, fix)
 
 
 def describe(config: ModelConfig, tokenizer, meta: dict, folder: Path, which: str, graph: dict, exporter: str,
@@ -244,6 +244,7 @@ def session(tmp: Path, manifest: dict, variant: str, what: str, fix: str, **kwar
 
 
 def portable_fix(manifest: dict) -> str:
+    """What to do when the portable graph fails a gate, by the exporter that wrote it."""
     return ("the builder writes the model as gpt/model.py ships it: if the model's code changed, export with "
             "--exporter dynamo, which traces it" if manifest["export_options"]["exporter"] == "builder"
             else "the export is not usable")
@@ -256,7 +257,7 @@ def verify_portable(references: dict, tmp: Path, manifest: dict, log: Callable[[
     with timed(manifest["timings"], "verify"), session(tmp, manifest, "fp32", "the portable graph", fix,
                                                        threads=0) as runtime:
         parity = verify.parity_grid(references["parity"], runtime)
-        verify.require(parity, None, "ONNX Runtime", fix)
+        verify.require_parity(parity, "ONNX Runtime", fix)
         tokens = verify.greedy_run(references["greedy"], runtime)
     manifest["parity"] = {"fp32": parity}
     log(f"parity: {parity['cases']} cases, max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} "
@@ -270,7 +271,7 @@ def verify_fused(references: dict, tmp: Path, manifest: dict, log: Callable[[str
     with timed(manifest["timings"], "verify fused"), session(tmp, manifest, "fused", "the fused graph",
                                                              "export without --optimize") as runtime:
         parity = verify.shared_parity_grid(references["shared"], runtime)
-        verify.require(parity, None, "the fused graph", "export without --optimize")
+        verify.require_parity(parity, "the fused graph", "export without --optimize")
         tokens = verify.greedy_run(references["greedy"], runtime)
     manifest["parity"]["fused"] = parity
     graph = manifest["graphs"]["fused"]

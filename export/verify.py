@@ -5,9 +5,8 @@
                           prefill asks for it)
     shared_parity_grid()  the fused graph against PyTorch, rows with the same or different pasts,
                           and the cache it wrote in place
-    greedy_agreement()    a graph's 200 greedy tokens are PyTorch's: PyTorch's argmax after each prefix
-                          of them is the next one, one forward per context window (greedy_parity()
-                          runs the graph too)
+    greedy_agreement()    a graph's 200 greedy tokens (greedy_run()) are PyTorch's: PyTorch's argmax
+                          after each prefix of them is the next one, one forward per context window
     validation_loss()     mean next-token loss over fixed windows of the run's held-out split (a token
                           budget, EVAL_TOKENS); torch_validation_loss() the PyTorch model's, the baseline
 
@@ -18,7 +17,7 @@ onnxruntime session; the gates also take the model itself, and then compute the 
 The greedy gate runs the other way round: each graph decodes first, and once every session is
 closed the model is loaded again to check the tokens in a few forwards (200 decode steps of a
 135M-parameter model in PyTorch took 15 s; the check takes about 1).
-`require()` turns a failed gate into one ExportError line.
+`require_parity()` and `require_greedy()` turn a failed gate into one ExportError line.
 """
 
 from __future__ import annotations
@@ -214,14 +213,13 @@ def greedy_agreement(model: GPT, gate: dict, generated: list[int]) -> dict:
     must be the next token of `generated`, so by induction its greedy continuation is `generated`,
     to the same stop. The windows are the ones generate() decodes in: the prompt's last block_size
     tokens, refilled with the last half of the window whenever it is full (gpt.sampling.refill_context)."""
-    block, keep = model.config.block_size, len(refill_context(list(range(model.config.block_size + 1)),
-                                                               model.config.block_size))
+    block = model.config.block_size
     stream = list(gate["ids"][-block:]) + list(generated)
     first = len(stream) - len(generated)  # generated[i] is predicted from stream[start:first + i]
     starts, start = [], 0
     for i in range(len(generated)):
-        if first + i - start > block:
-            start = first + i - keep
+        if first + i - start > block:  # the window is full: generate() keeps what refill_context keeps
+            start = first + i - len(refill_context(stream[start:first + i], block))
         starts.append(start)
     predicted = []
     for start in dict.fromkeys(starts):
@@ -237,12 +235,6 @@ def greedy_agreement(model: GPT, gate: dict, generated: list[int]) -> dict:
     if first_difference is None and not ended:
         first_difference = len(generated)  # stopped where PyTorch would have gone on
     return {"tokens": gate["tokens"], "identical": first_difference is None, "first_difference": first_difference}
-
-
-def greedy_parity(model: GPT, runtime: OnnxModel, tokens: int = 200) -> dict:
-    """200 greedy tokens from onnxruntime, identical to PyTorch's."""
-    gate = greedy_prompt(runtime.tokenizer, model.config.vocab_size, tokens)
-    return greedy_agreement(model, gate, greedy_run(gate, runtime))
 
 
 def references(model: GPT, tokenizer, shared: bool, checkpoint: Path, eval_tokens: int) -> dict:
@@ -314,11 +306,15 @@ def validation_windows(checkpoint: Path, block_size: int, tokens: int) -> tuple[
     return np.stack([np.asarray(val[s:s + width + 1], dtype=np.int64) for s in starts]), ""
 
 
-def require(parity: dict | None, greedy: dict | None, graph: str, fix: str) -> None:
-    """The two gates every graph passes before it is written (each checked when given)."""
-    if parity is not None and not parity["passed"]:
+def require_parity(parity: dict, graph: str, fix: str) -> None:
+    """The parity grid's gate: a graph whose logits stray past the tolerance is not written."""
+    if not parity["passed"]:
         raise ExportError(f"{graph} and PyTorch disagree: max |Δlogits|/scale {parity['max_rel_logit_error']:.2e} > "
                           f"{FP32_TOLERANCE:.0e}; {fix}")
-    if greedy is not None and not greedy["identical"]:
+
+
+def require_greedy(greedy: dict, graph: str, fix: str) -> None:
+    """The greedy gate: a graph whose greedy tokens are not PyTorch's is not written."""
+    if not greedy["identical"]:
         raise ExportError(f"{graph}'s greedy decoding differs from PyTorch at token {greedy['first_difference']} of "
                           f"{greedy['tokens']}; {fix}")

@@ -98,39 +98,40 @@ def loss_svg(run_dir: str | Path, out: str | Path | None = None) -> Path:
     values = [v for _, v in train] + [v for e in evals for v in e[1:]]
     steps = [s for s, _ in train] + [e[0] for e in evals]
     log = max(values) / max(min(values), 1e-9) > 3
-    f = (lambda v: math.log(max(v, 1e-9))) if log else float
+    f = (lambda v: math.log(max(v, 1e-9))) if log else float  # loss to the axis' scale
     y_low, y_high = f(min(values)), f(max(values))
     pad = (y_high - y_low) * 0.05 or 0.05
     y_low, y_high, x_high = y_low - pad, y_high + pad, max(max(steps), 1)
+    floor, ceiling = (math.exp(y_low), math.exp(y_high)) if log else (y_low, y_high)  # the axis' ends, as losses
     left, top, width, height = 70, 40, 700, 400  # the plot area inside an 800 x 500 picture
 
-    def xy(step: float, value: float) -> str:
-        return f"{left + width * step / x_high:.1f},{top + height * (y_high - f(value)) / (y_high - y_low):.1f}"
+    def x_of(step: float) -> float:
+        return left + width * step / x_high
+
+    def y_of(value: float) -> float:
+        return top + height * (y_high - f(value)) / (y_high - y_low)
 
     def line(points: list, color: str, extra: str = "") -> str:
         return (f'<polyline fill="none" stroke="{color}" {extra} '
-                f'points="{" ".join(xy(s, v) for s, v in points)}"/>') if points else ""
+                f'points="{" ".join(f"{x_of(s):.1f},{y_of(v):.1f}" for s, v in points)}"/>') if points else ""
 
     parts = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#888"/>']
-    for v in ticks(math.exp(y_low) if log else y_low, math.exp(y_high) if log else y_high, log):
-        y = xy(0, v).split(",")[1]
+    for v in ticks(floor, ceiling, log):
+        y = f"{y_of(v):.1f}"
         parts.append(f'<line x1="{left}" x2="{left + width}" y1="{y}" y2="{y}" stroke="#ddd"/>'
                      f'<text x="{left - 6}" y="{y}" text-anchor="end" dominant-baseline="middle">{v:g}</text>')
     for s in ticks(0, x_high, False):
-        x = xy(s, math.exp(y_low) if log else y_low).split(",")[0]
-        parts.append(f'<line x1="{x}" x2="{x}" y1="{top}" y2="{top + height}" stroke="#ddd"/>'
-                     f'<text x="{x}" y="{top + height + 18}" text-anchor="middle">{s:g}</text>')
+        parts.append(f'<line x1="{x_of(s):.1f}" x2="{x_of(s):.1f}" y1="{top}" y2="{top + height}" stroke="#ddd"/>'
+                     f'<text x="{x_of(s):.1f}" y="{top + height + 18}" text-anchor="middle">{s:g}</text>')
     parts.append(line(train, "#1f77b4", 'stroke-opacity="0.35"'))
     if evals:
         for points, color in (([(s, t) for s, t, _ in evals], "#1f77b4"), ([(s, v) for s, _, v in evals], "#ff7f0e")):
             parts.append(line(points, color, 'stroke-width="2"'))
-            parts += [f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="3.5" fill="{color}"/>'
-                      for s, v in points]
+            parts += [f'<circle cx="{x_of(s):.1f}" cy="{y_of(v):.1f}" r="3.5" fill="{color}"/>' for s, v in points]
         best = min(range(len(evals)), key=lambda i: evals[i][2])
         s, _, v = evals[best]
-        x, y = xy(s, v).split(",")
         note = f" ({bpb[best]:.3f} bits/byte)" if bpb[best] is not None else ""
-        parts.append(f'<text x="{x}" y="{float(y) - 10:.1f}" text-anchor="end" fill="#ff7f0e" '
+        parts.append(f'<text x="{x_of(s):.1f}" y="{y_of(v) - 10:.1f}" text-anchor="end" fill="#ff7f0e" '
                      f'stroke="white" stroke-width="3" paint-order="stroke">val {v:.3f}{note} @ {s}</text>')
     for i, (label, color, opacity) in enumerate((("train loss (each log line)", "#1f77b4", 0.35),
                                                  ("train loss (evaluation)", "#1f77b4", 1),

@@ -49,7 +49,7 @@ def test_loss_curve_png(run_dir, tmp_path):
     assert svg.read_text() == (run_dir / "loss.svg").read_text()  # training drew it at the end of the run
     root = ElementTree.fromstring(svg.read_text())  # well-formed, with a point per evaluation
     evaluations = sum("val_loss" in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-    assert len([c for c in root.iter("{http://www.w3.org/2000/svg}circle")]) == 2 * evaluations >= 4
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}circle"))) == 2 * evaluations >= 4
 
 
 @pytest.mark.slow
