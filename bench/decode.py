@@ -77,6 +77,9 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-prompt", type=int, default=None, help="the prefill measured (default block_size)")
     parser.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, round-robin; "
                         "each row is its best")
+    parser.add_argument("--duel", action="store_true",
+                        help="only the decode goal: our fused int4 against llama.cpp's q4_0, --rounds rounds in "
+                        "alternating order, each round's ratio and their median")
     args = parser.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -96,7 +99,7 @@ GENAI = [("genai portable fp32", "fp32"), ("genai portable int8 (dynamic)", "int
 LLAMA = [("llama.cpp f32", "f32"), ("llama.cpp q8_0", "q8_0"), ("llama.cpp q4_0", "q4_0")]
 
 
-def llama_engines(ckpt: Path, threads: int, block: int, prompt: int, tmp: Path) -> dict | None:
+def llama_engines(ckpt: Path, threads: int, block: int, prompt: int, tmp: Path, kinds=LLAMA) -> dict | None:
     """llama.cpp (llama-cpp-python) on the same weights: GGUF files written by `export --format gguf`;
     None when llama-cpp-python is not installed. Each file is first run in a child process as it will be
     measured (bench.engines.llama_probe): a type whose run dies of a signal on this host is left out
@@ -108,9 +111,9 @@ def llama_engines(ckpt: Path, threads: int, block: int, prompt: int, tmp: Path) 
     from bench.engines import EngineCrash, in_child
     from export.gguf import export_gguf
 
-    export_gguf(ckpt, tmp / "gguf", types=[t for _, t in LLAMA], log=lambda s: None)
+    export_gguf(ckpt, tmp / "gguf", types=[t for _, t in kinds], log=lambda s: None)
     engines = {}
-    for name, t in LLAMA:
+    for name, t in kinds:
         path = tmp / "gguf" / f"model.{t}.gguf"
         try:
             in_child("llama.cpp", f"running {path.name} ({prompt}-token prompt, {threads} threads)",
@@ -187,6 +190,11 @@ def measure(args, threads: int, tmp: Path) -> None:
     greedy = SamplingParams(greedy=True)
 
     started = time.time()
+    if args.duel:
+        export(ckpt, tmp / "export", int4=True, optimize=True, eval_tokens=1024, log=lambda s: None)
+        duel(args, OnnxModel(tmp / "export", threads=threads, variant="fused-int4"),
+             llama_engines(ckpt, threads, args.block, len(prompt), tmp, kinds=LLAMA[2:]), prompt, tokenizer)
+        return
     manifest = export(ckpt, tmp / "export", int8=True, int4=True, int8_weights=True, optimize=True, eval_tokens=1024,
                       log=lambda s: None)
     export_s = time.time() - started
@@ -286,6 +294,36 @@ def measure(args, threads: int, tmp: Path) -> None:
           ", ".join(f"{v} {q['val_loss_change']:+.4f}" for v, q in quality.items()
                     if isinstance(q, dict) and q.get("val_loss_change") is not None))
     print(json.dumps({"bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bound, **results}))
+
+
+def duel(args, ours, llamas: dict | None, prompt: list[int], tokenizer) -> None:
+    """The decode goal alone, as a duel: our fused int4 and llama.cpp's q4_0 decode the same prompt in
+    turn, --rounds rounds, the first of each pair alternating, each pair once the machine is idle;
+    on a host whose speed drifts, the ratio within a round is the figure, and the median of rounds."""
+    from serve.generate import generate as ort_generate
+    from serve.generate import warmup
+
+    if not llamas or "llama.cpp q4_0" not in llamas:
+        sys.exit("--duel needs llama-cpp-python (pip install -e '.[bench]') and a q4_0 that runs on this host")
+    warmup(ours)
+    greedy, text = SamplingParams(greedy=True), tokenizer.decode(prompt)
+    engines = {"ORT fused int4": lambda: ort_generate(ours, text, args.new_tokens, greedy),
+               "llama.cpp q4_0": lambda: llama_stream(llamas["llama.cpp q4_0"][0], prompt, args.new_tokens)}
+    for stream in engines.values():
+        list(stream())
+    ratios = []
+    print(f"machine: {machine()}; {args.threads or len(os.sched_getaffinity(0))} threads; prompt {len(prompt)} "
+          f"tokens, {args.new_tokens} new tokens, batch 1, greedy")
+    for r in range(args.rounds):
+        rates = {}
+        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            settle()
+            rates[name] = time_stream(engines[name]())[1]
+        ratios.append(rates["ORT fused int4"] / rates["llama.cpp q4_0"])
+        print(f"round {r + 1}: ours {rates['ORT fused int4']:.1f} tokens/s, llama.cpp q4_0 "
+              f"{rates['llama.cpp q4_0']:.1f}: {ratios[-1]:.2f}x")
+    print(f"decode, ours (ORT fused int4) / llama.cpp q4_0: median {np.median(ratios):.2f}x over {args.rounds} rounds "
+          f"(goal >= 1.3x; rounds from {min(ratios):.2f}x to {max(ratios):.2f}x)")
 
 
 def llama_goals(results: dict, llamas: dict, manifest: dict, export_dir: Path, long: int) -> None:

@@ -16,6 +16,13 @@ preallocated cache, written in place).
 streams the same greedy answer of --max-tokens tokens as /v1/chat/completions and as /v1/completions
 of the same prompt tokens, 20 of each, in pairs: the time per token from the first piece of text
 to the last, and chat's over the completion's.
+
+`--prefix-tokens N`: what prefix reuse saves (serve/prefix.py). In each of 5 rounds two requests share
+a prefix of N random token ids and differ in their last: the time to the first token of the second
+over the first's (one token each, streamed). The portable graph, which has no prefix cache, is the
+control. Needs a model whose block holds N + 1 tokens:
+
+    python bench/serve.py --block 1024 --prefix-tokens 512 --concurrency 1 --requests-per-client 1
 """
 
 from __future__ import annotations
@@ -91,6 +98,9 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     add_shape_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="also measure what /v1/chat/completions adds per token")
+    parser.add_argument("--prefix-tokens", type=int, default=0,
+                        help="also measure the time to first token of a prompt whose first N tokens the previous one "
+                        "had (0: not measured)")
     parser.add_argument("--models", nargs="+", default=["fp32", "fused", "fused-int4"],
                         help="the export's models to serve in turn (default: portable fp32, fused fp32, fused int4)")
     args = parser.parse_args(argv)
@@ -116,6 +126,7 @@ def run(argv: list[str] | None = None) -> None:
     print(f"{'model':>10s} {'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} "
           f"{'TTFT p99':>9s} {'token p50':>10s} {'token p99':>10s}")
     chat = {model: rows.pop() for model, rows in results.items() if args.chat}
+    prefix = {model: rows.pop() for model, rows in results.items() if args.prefix_tokens}
     for model, rows in results.items():
         base = rows[0]["tokens_per_s"]
         for r in rows:
@@ -127,6 +138,10 @@ def run(argv: list[str] | None = None) -> None:
         if eight and rows[0]["concurrency"] == 1:
             ratio = eight["tokens_per_s"] / rows[0]["tokens_per_s"]
             print(f"{model}: 8 clients / 1 client aggregate tokens/s {ratio:.2f}x (goal >= 5x)")
+    for model, p in prefix.items():
+        print(f"{model}: a {args.prefix_tokens}-token shared prefix: TTFT of the second request "
+              f"{p['second_ms']:.1f} ms / the first's {p['first_ms']:.1f} ms: median of 5 rounds' ratios "
+              f"{p['ratio']:.2f}x (goal <= 0.2x)")
     for model, c in chat.items():
         print(f"{model}: streamed time per token, {args.max_tokens} greedy tokens: chat {c['chat_ms_per_token']:.3f} "
               f"ms, completion of the same prompt tokens {c['completion_ms_per_token']:.3f} ms: "
@@ -166,6 +181,28 @@ def per_token(url: str, messages: list[dict], rounds: int, tokens: int,
     return float(np.median(chat)), float(np.median(completion)), ratio
 
 
+def shared_prefix(url: str, tokens: int, vocab: int, rounds: int = 5) -> dict:
+    """Time to first token of two requests whose prompts share their first `tokens` token ids, the
+    second just after the first, each round a new prefix: medians, and the median of the ratios."""
+    rng = np.random.default_rng(0)
+    first, second = [], []
+
+    def ttft(prompt: list[int]) -> float:
+        start = time.perf_counter()
+        with requests.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1, "stream": True},
+                           stream=True, timeout=600) as r:
+            r.raise_for_status()
+            next(line for line in r.iter_lines(chunk_size=None) if line.startswith(b"data: {"))
+            return time.perf_counter() - start
+
+    for _ in range(rounds):
+        shared = rng.integers(0, vocab, tokens).tolist()
+        first.append(ttft(shared + [1]))
+        second.append(ttft(shared + [2]))
+    return {"first_ms": float(np.median(first)) * 1000, "second_ms": float(np.median(second)) * 1000,
+            "ratio": float(np.median(np.array(second) / np.array(first)))}
+
+
 def with_chat_template(export_dir: Path, copy: Path) -> Path:
     """A copy of the export whose tokenizer_config.json holds a chat template of plain text, its turn
     ending at a character no answer of --max-tokens greedy tokens need reach."""
@@ -195,6 +232,9 @@ def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
             raise SystemExit(f"the server serving {model} did not become healthy in 60 s")
         stream_one(url, "ROMEO:", 8, 0)  # warm up
         rows = [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+        if args.prefix_tokens:
+            vocab = json.loads((export_dir / "manifest.json").read_text())["model"]["vocab_size"]
+            rows.append(shared_prefix(url, args.prefix_tokens, vocab))
         if args.chat:
             chat, completion, ratio = per_token(url, [{"role": "user", "content": "ROMEO:"}], 20, args.max_tokens,
                                                 temperature=0.0)

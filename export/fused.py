@@ -22,10 +22,13 @@ onnxruntime-genai's model builder does. Learned absolute positions stay outside 
 passes `position_ids`.
 
 A llama (`arch: llama`) is written the same way with its own pieces: RMSNorm as
-SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization; the packed QKV split, its queries
-and keys turned by the rotary angles of `position_ids` (the same cos and sin as gpt/model.py's, made
-once for every block) and given to GroupQueryAttention as query, key and value with `kv_num_heads`
-key/value heads, whose cache holds those K heads; and the SwiGLU MLP as two MatMuls, Sigmoid and Mul.
+SimplifiedLayerNormalization and SkipSimplifiedLayerNormalization; GroupQueryAttention with
+`kv_num_heads` key/value heads, whose cache holds those K heads, turning the packed queries and keys
+itself (`do_rotary`) by the rows of two tables of rotary angles, `cos_cache` and `sin_cache` (the
+same cos and sin as gpt/model.py's, one row per position), as onnxruntime-genai's model builder
+writes it; and the SwiGLU MLP as two MatMuls, Sigmoid and Mul. The op turns heads of a multiple of
+16 dimensions only; a smaller head (the tests' tiny models) is split from the packed QKV and turned
+in standard ops before the op (`make_turned`).
 
 The graph carries the Optimum names, so the same runtime code binds it; what differs is recorded in
 the manifest (`cache: "shared"`).
@@ -65,6 +68,8 @@ class FusedBuilder:
         self.state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
         self.weights = weights
         self.nodes, self.inits = [], []
+        # GroupQueryAttention turns a llama's queries and keys itself when its heads are a multiple of 16 wide
+        self.rotary_in_attention = c.arch == "llama" and c.head_dim % 16 == 0
 
     # --- the pieces --------------------------------------------------------------------------------
 
@@ -132,22 +137,39 @@ class FusedBuilder:
 
     def make_embeddings(self) -> None:
         """Token and position embeddings, added and normed by the first block's ln_1 (a llama: the token
-        embedding, normed, and the rotary angles of its positions)."""
+        embedding, normed, and its rotary angles: tables of every position's for GroupQueryAttention, or
+        those of `position_ids` for make_turned)."""
         if self.config.arch == "llama":
             self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["h.0.x"],
                       axis=0)
-            self.make_rotary()
-            c, D = self.config, self.config.head_dim
-            self.const("qkv_split", np.array([c.num_heads * D, c.kv_heads * D, c.kv_heads * D], np.int64))
-            for heads in {c.num_heads, c.kv_heads}:  # make_turned's shapes
-                self.const(f"heads_{heads}", np.array([0, 0, heads, D], np.int64))
-                self.const(f"width_{heads}", np.array([0, 0, heads * D], np.int64))
+            if self.rotary_in_attention:
+                self.make_rotary_tables()
+                self.const("axis_last", np.array([-1], np.int64))  # make_rms_norm's (make_rotary's otherwise)
+            else:
+                self.make_rotary()
+                c, D = self.config, self.config.head_dim
+                self.const("qkv_split", np.array([c.num_heads * D, c.kv_heads * D, c.kv_heads * D], np.int64))
+                for heads in {c.num_heads, c.kv_heads}:  # make_turned's shapes
+                    self.const(f"heads_{heads}", np.array([0, 0, heads, D], np.int64))
+                    self.const(f"width_{heads}", np.array([0, 0, heads * D], np.int64))
             self.make_rms_norm("h.0.x", "blocks.0.ln_1", "h.0.ln_1")  # the later ones fuse with the residual add
             return
         self.node("Gather", [self.weight("wte", self.state["token_embedding.weight"]), "input_ids"], ["tok"], axis=0)
         self.node("Gather", [self.weight("wpe", self.state["position_embedding.weight"]), "position_ids"], ["pos"],
                   axis=0)
         self.make_skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
+
+    def make_rotary_tables(self) -> None:
+        """A llama's rotary angles for GroupQueryAttention to turn queries and keys by: `cos_cache` and
+        `sin_cache` (block_size, D/2), row p the angles p · theta^(-2d/D) of pairs (d, d + D/2), in
+        float32 as gpt/model.py's Rotary computes them. The op turns a call's token s by row
+        seqlens_k + 1 - sequence_length + s: its position in a right-padded sequence, as `position_ids`
+        holds it."""
+        D = self.config.head_dim
+        inv_freq = np.float32(1.0) / (np.float32(self.config.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / D))
+        angles = np.arange(self.config.block_size, dtype=np.float32)[:, None] * inv_freq  # (block_size, D/2)
+        self.const("cos_cache", np.cos(angles).astype(self.np_dtype))
+        self.const("sin_cache", np.sin(angles).astype(self.np_dtype))
 
     def make_rotary(self, heads_axis: int = 2) -> None:
         """A llama's rotary angles: `cos` and `sin` of position · theta^(-2d/D), each pair's angle twice
@@ -202,19 +224,24 @@ class FusedBuilder:
 
     def make_attention(self, i: int) -> None:
         """Block i's attention: packed QKV → GroupQueryAttention (cache in place) → proj, + residual, ln_2.
-        A llama's QKV is split and its queries and keys turned first; its cache has K heads."""
+        A llama's queries and keys are turned by the op (or, heads too narrow for it, split and turned
+        first); its cache has K heads."""
         c, p, H = self.config, f"blocks.{i}", self.config.num_heads
         self.make_linear(f"h.{i}.ln_1", f"{p}.attn.qkv", f"h.{i}.qkv")
-        qkv = [f"h.{i}.qkv", "", ""]
-        if c.arch == "llama":
+        qkv, rotary = [f"h.{i}.qkv", "", ""], {}
+        if self.rotary_in_attention:
+            qkv, rotary = [*qkv, "cos_cache", "sin_cache"], {"do_rotary": 1, "rotary_interleaved": 0}
+        elif c.arch == "llama":
             self.node("Split", [f"h.{i}.qkv", "qkv_split"], [f"h.{i}.q", f"h.{i}.k", f"h.{i}.v"], axis=2)
             self.make_turned(f"h.{i}.q", H, f"h.{i}.q_turned")
             self.make_turned(f"h.{i}.k", c.kv_heads, f"h.{i}.k_turned")
             qkv = [f"h.{i}.q_turned", f"h.{i}.k_turned", f"h.{i}.v"]
+        q, k, v, *tables = qkv
         self.node("GroupQueryAttention",
-                  [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_length"],
+                  [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_length",
+                   *tables],
                   [f"h.{i}.attn", f"present.{i}.key", f"present.{i}.value"], domain=MS, num_heads=H,
-                  kv_num_heads=c.kv_heads)
+                  kv_num_heads=c.kv_heads, **rotary)
         bias = self.make_linear(f"h.{i}.attn", f"{p}.attn.proj", f"h.{i}.attn_out", bias_in_next=True)
         self.make_skip_layer_norm(f"h.{i}.attn_out", f"h.{i}.x", f"{p}.ln_2", bias, f"h.{i}.ln_2", f"h.{i}.x2")
 

@@ -91,8 +91,7 @@ def chat(args: argparse.Namespace) -> int:
 def generate_to_stdout(args: argparse.Namespace) -> int:
     """Load the export, check every prompt, warm up, then generate, timing the first token and the rest."""
     from gpt.sampling import SamplingParams
-    from serve.batch import validate_request
-    from serve.generate import generate, warmup
+    from serve.generate import generate, validate_request, warmup
     from serve.runtime import OnnxModel
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)

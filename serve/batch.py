@@ -30,32 +30,11 @@ import numpy as np
 from gpt.sampling import SamplingParams, penalize, refill_context, sample
 from gpt.tokenizer import StreamDecoder, Tokenizer, stop_ids
 from serve.cache import CacheBuffers, StepBinding
+from serve.prefix import BLOCK, PrefixCache
 from serve.scoring import TokenLogprob, logprob_entry
 
 if TYPE_CHECKING:
     from serve.runtime import OnnxModel
-
-
-def validate_request(tokenizer: Tokenizer, prompt: str | list[int], max_new_tokens: int, limit: int,
-                     max_prompt_tokens: int = 1 << 16, allow_zero: bool = False) -> list[int]:
-    """Token ids of a prompt (text, or token ids as OpenAI's API takes them), or a one-line ValueError
-    naming what is wrong. Limits count tokens; `allow_zero` lets max_new_tokens be 0 (echo scoring)."""
-    if isinstance(prompt, list):
-        vocab = tokenizer.vocab_size
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
-            raise ValueError(f"a prompt of token ids must be a non-empty list of integers from 0 to {vocab - 1}")
-        ids = list(prompt)
-    elif not isinstance(prompt, str) or prompt == "":
-        raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
-    low = 0 if allow_zero else 1
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not low <= max_new_tokens <= limit:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from {low} to {limit}")
-    if not isinstance(prompt, list):
-        ids = tokenizer.encode(prompt)
-    if len(ids) > max_prompt_tokens:
-        raise ValueError(f"prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}: send a shorter one "
-                         "(the model sees at most its block_size of them anyway)")
-    return ids
 
 
 @dataclass
@@ -317,8 +296,9 @@ class SlotBatch(Batch):
     caches, and one for the token fed now.
     """
 
-    def __init__(self, model: OnnxModel, slots: int):
+    def __init__(self, model: OnnxModel, slots: int, prefix: PrefixCache | None = None):
         super().__init__(model)
+        self.prefix = prefix  # prompt blocks already computed, copied in rather than prefilled again
         self.buffers = CacheBuffers(model, max(1, slots))
         self.slot_of: dict[int, int] = {}  # id(sequence) -> its slot
         self.free = list(range(self.buffers.slots))  # sorted: the lowest is taken first
@@ -338,13 +318,18 @@ class SlotBatch(Batch):
         return self.free.pop(0)
 
     def _prefill(self, slot: int, ids: list[int]) -> np.ndarray:
-        """Run `ids` alone into an empty slot, which then caches them; the last position's logits (V,)."""
+        """Run `ids` alone into an empty slot, which then caches them; the last position's logits (V,).
+        With a prefix cache, the longest prefix it holds is copied into the slot and the rest runs after
+        it (a chunk after a past); the prompt's blocks are kept for the next prompt."""
         self.length[slot] = len(ids)
         if not ids:
             return np.zeros(self.model.vocab_size, np.float32)
-        n = len(ids)
-        logits, _ = self.model.run(np.array([ids], np.int64), np.ones((1, n), np.int64), np.arange(n)[None],
-                                   self.buffers.view(slot, 1), last_only=True)
+        n, arrays = len(ids), getattr(self.buffers, "arrays", None)
+        start = self.prefix.restore(ids, arrays, slot) if self.prefix else 0
+        logits, _ = self.model.run(np.array([ids[start:]], np.int64), np.ones((1, n), np.int64),
+                                   np.arange(start, n)[None], self.buffers.view(slot, 1), last_only=True)
+        if self.prefix:
+            self.prefix.store(ids, arrays, slot)
         return logits[0, -1]
 
     def add(self, sequences: list[Sequence]) -> None:
@@ -393,7 +378,12 @@ class SlotBatch(Batch):
         self.logits = logits[:, -1] if in_order else logits[slots, -1]
 
 
-def make_batch(model: OnnxModel, slots: int | None = None) -> Batch:
+def make_batch(model: OnnxModel, slots: int | None = None, prefix_bytes: int = 0) -> Batch:
     """The batch for this model's graph: slots in a preallocated cache for the fused graph, a padded,
-    rebuilt cache for the portable one. `slots`: how many sequences at most (a SlotBatch grows past it)."""
-    return SlotBatch(model, slots or 1) if model.shared_cache else PaddedBatch(model)
+    rebuilt cache for the portable one. `slots`: how many sequences at most (a SlotBatch grows past it).
+    `prefix_bytes`: the bound of the fused graph's prefix cache on the CPU (0: none; serve/prefix.py)."""
+    if not model.shared_cache:
+        return PaddedBatch(model)
+    reuse = prefix_bytes > 0 and model.device == "cpu"  # its buffers are numpy arrays there
+    block = max(1, min(BLOCK, model.block_size // 8))  # a short context reuses shorter blocks
+    return SlotBatch(model, slots or 1, PrefixCache(prefix_bytes, block) if reuse else None)

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.chat import ConversationError, TemplateError, check_messages
 from gpt.tokenizer import Tokenizer, stop_ids
-from serve.batch import Event, Sequence, validate_request
+from serve.batch import Event, Sequence
+from serve.generate import validate_request
 from serve.protocol import MAX_LOGPROBS, RequestError, SamplingRequest, Work, check_model, sampling, usage
 from serve.runtime import OnnxModel
 from serve.scheduler import Limits

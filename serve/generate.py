@@ -2,6 +2,8 @@
 
     generate(model, prompts, max_new_tokens, params)   an Event per step: the new text of each sequence
     warmup(model)                                      every code path once, before the first request
+    validate_request(tokenizer, prompt, ...)           a prompt's token ids, or a one-line error (the
+                                                       server's requests and `python -m serve` use it too)
 
 `python -m serve`, the server's tests, the export's greedy gate and the benchmarks use it. It sits at
 the end of the room's imports: cache and manifest <- runtime (OnnxModel) <- scoring <- batch <- here.
@@ -14,8 +16,31 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from gpt.sampling import SamplingParams
-from serve.batch import Event, Sequence, make_batch, validate_request
+from gpt.tokenizer import Tokenizer
+from serve.batch import Event, Sequence, make_batch
 from serve.runtime import OnnxModel
+
+
+def validate_request(tokenizer: Tokenizer, prompt: str | list[int], max_new_tokens: int, limit: int,
+                     max_prompt_tokens: int = 1 << 16, allow_zero: bool = False) -> list[int]:
+    """Token ids of a prompt (text, or token ids as OpenAI's API takes them), or a one-line ValueError
+    naming what is wrong. Limits count tokens; `allow_zero` lets max_new_tokens be 0 (echo scoring)."""
+    if isinstance(prompt, list):
+        vocab = tokenizer.vocab_size
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"a prompt of token ids must be a non-empty list of integers from 0 to {vocab - 1}")
+        ids = list(prompt)
+    elif not isinstance(prompt, str) or prompt == "":
+        raise ValueError("prompt is empty: give at least one character, e.g. 'ROMEO:'")
+    low = 0 if allow_zero else 1
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not low <= max_new_tokens <= limit:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer from {low} to {limit}")
+    if not isinstance(prompt, list):
+        ids = tokenizer.encode(prompt)
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(f"prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}: send a shorter one "
+                         "(the model sees at most its block_size of them anyway)")
+    return ids
 
 
 def generate(model: OnnxModel, prompts: list[str] | str, max_new_tokens: int, params: SamplingParams | None = None,

@@ -11,6 +11,11 @@
     gpt_running_sequences                  sequences in the batch
     gpt_cache_slots{state="busy"|"free"}   the batch's room (--max-batch)
     gpt_kv_cache_bytes                     KV cache held by the sequences in the batch
+    gpt_prefix_cache_lookups_total         prompts prefilled with the prefix cache on (serve/prefix.py)
+    gpt_prefix_cache_hits_total            ... that found a cached prefix
+    gpt_prefix_cache_tokens_reused_total   prompt tokens copied from the prefix cache, not computed
+    gpt_prefix_cache_evictions_total       blocks evicted, least recently used first
+    gpt_prefix_cache_bytes, gpt_prefix_cache_blocks   what it holds (never past --prefix-cache-mb)
 
 Gauges are read when /metrics is scraped; nothing is computed per token but two histogram updates.
 
@@ -23,6 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from serve.scheduler import Request, Scheduler
@@ -55,6 +61,7 @@ class ServerMetrics:
         slots.labels("free").set_function(lambda: max(0, max_batch - len(scheduler.batch)))
         Gauge("gpt_kv_cache_bytes", "bytes of KV cache held by the sequences in the batch", registry=r).set_function(
             lambda: scheduler.batch.cache_bytes_in_use())
+        r.register(PrefixCollector(scheduler))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -71,6 +78,29 @@ class ServerMetrics:
                 await send(message)
             return await app(scope, receive, send_counted)
         return counted
+
+
+class PrefixCollector:
+    """The prefix cache's counts, read from it when /metrics is scraped (zeros when reuse is off)."""
+
+    COUNTS = {"lookups": "prompts prefilled with the prefix cache on", "hits": "prompts that found a cached prefix",
+              "tokens_reused": "prompt tokens copied from the prefix cache instead of computed",
+              "evictions": "prefix cache blocks evicted, least recently used first"}
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        prefix = getattr(self.scheduler.batch, "prefix", None)
+        for name, text in self.COUNTS.items():
+            yield CounterMetricFamily(f"gpt_prefix_cache_{name}", text, value=getattr(prefix, name, 0))
+        yield GaugeMetricFamily("gpt_prefix_cache_bytes", "bytes the prefix cache holds",
+                                value=prefix.bytes if prefix else 0)
+        yield GaugeMetricFamily("gpt_prefix_cache_blocks", "blocks the prefix cache holds",
+                                value=len(prefix.entries) if prefix else 0)
 
 
 class RequestTimer:

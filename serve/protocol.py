@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpt.sampling import SamplingParams
 from gpt.tokenizer import Tokenizer
-from serve.batch import Event, Sequence, validate_request
+from serve.batch import Event, Sequence
+from serve.generate import validate_request
 from serve.guard import error_body
 from serve.runtime import OnnxModel
 from serve.scheduler import Limits

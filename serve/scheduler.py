@@ -35,6 +35,7 @@ class Limits:
     max_request_seconds: float = 300.0  # a request still running then ends with what it has
     read_timeout: float = 15.0  # seconds a client has to send its request's headers, and then its body
     max_connections: int = 512  # open connections; past it the longest-idle one is closed
+    prefix_cache_bytes: int = 256 << 20  # computed prompt blocks kept for reuse (serve/prefix.py); 0: none
 
 
 # A request whose sequences the model loop has not finished this long after its deadline gets a
@@ -84,7 +85,7 @@ class Scheduler:
 
     def __init__(self, model: OnnxModel, limits: Limits):
         self.model, self.limits = model, limits
-        self.batch = make_batch(model, slots=limits.max_batch)
+        self.batch = make_batch(model, slots=limits.max_batch, prefix_bytes=limits.prefix_cache_bytes)
         self.scorer = Scorer(model)  # the prompts' logprobs, for echo
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Condition()

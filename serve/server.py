@@ -299,6 +299,8 @@ def check_limits(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if not (0 < value < float("inf")):
             return f"--{name.replace('_', '-')}={value} must be a positive number of seconds"
+    if not 0 <= args.prefix_cache_mb < float("inf"):
+        return f"--prefix-cache-mb={args.prefix_cache_mb} must be a number of MiB, 0 or more (0 turns reuse off)"
     return ""
 
 
@@ -337,6 +339,9 @@ def command_line() -> argparse.ArgumentParser:
                         f"(default {d.read_timeout:g})")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
                         help=f"open connections; past it the longest-idle one is closed (default {d.max_connections})")
+    parser.add_argument("--prefix-cache-mb", type=float, default=d.prefix_cache_bytes / 2**20,
+                        help="MiB of computed prompt blocks kept for prompts that start the same way (the fused "
+                        f"graph on cpu; default {d.prefix_cache_bytes >> 20}; 0: off)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY'; prefer setting $GPT_API_KEY, since a flag is "
                         "visible to every local user in the process list (default: $GPT_API_KEY, else no key)")
@@ -374,7 +379,7 @@ def run(argv: list[str] | None = None) -> int:
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens_limit,
                     max_prompt_tokens=args.max_prompt_tokens, max_request_seconds=args.max_request_seconds,
                     read_timeout=args.read_timeout, max_connections=args.max_connections,
-                    max_prompts=args.max_prompts)
+                    max_prompts=args.max_prompts, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     model_id = args.model_id or os.path.basename(os.path.normpath(args.export_dir))
     app = create_app(model, limits, model_id, api_key, private_metrics=args.private_metrics)
     cache = ""

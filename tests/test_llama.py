@@ -228,13 +228,13 @@ def test_train_a_llama_then_fine_tune_one_from_transformers_and_write_it_back(tm
 
 @pytest.fixture(scope="module")
 def llama_export(tmp_path_factory):
-    """A tiny byte-level BPE llama (2 key/value heads for 4 query heads), trained 40 steps and exported
-    with every variant of the portable graph, through every gate."""
+    """A tiny byte-level BPE llama (2 key/value heads for 4 query heads of 16 dimensions, which
+    GroupQueryAttention turns itself), trained 40 steps and exported with every variant, through every gate."""
     from conftest import made_once
 
     run = made_once(tmp_path_factory, "llama-run", lambda out: command(
         "launch", str(TINY), f"--train.out_dir={out}", "--train.max_iters=40", "--model.arch=llama",
-        "--model.num_heads=4", "--model.num_kv_heads=2", *BPE))
+        "--model.num_heads=4", "--model.num_kv_heads=2", "--model.embedding_dim=64", *BPE))
     out = made_once(tmp_path_factory, "llama-export", lambda out: command(
         "export", str(run), str(out), "--int8", "--int4", "--int8-weights", "--fp16", "--optimize"))
     return run, out
@@ -275,6 +275,35 @@ def test_a_llama_exports_through_every_gate_and_serves_as_pytorch_generates(llam
             assert runtime.empty_cache(1)[0].shape() == [1, 2, 0, model.config.head_dim]  # the 2 key/value heads
         ours = list(ort_generate(runtime, prompt, 60, SamplingParams(greedy=True)))[-1].sequence.generated
         assert ours == expected[:len(ours)] and len(ours) > 10, variant
+
+
+@pytest.mark.parametrize("width", [32, 64], ids=["head 8: turned before the op", "head 16: turned by the op"])
+def test_the_fused_graph_turns_queries_and_keys_either_way_and_passes_the_gates(tmp_path, width):
+    """GroupQueryAttention turns queries and keys itself (do_rotary, from cos and sin tables) only for
+    heads a multiple of 16 wide; narrower heads are turned in standard ops first. Either graph passes the
+    parity grid (ragged batches, a chunk after a past) and the greedy gate, past the context window."""
+    import onnx
+
+    from bench.common import VOCAB
+    from export.pipeline import export
+    from gpt.checkpoint import write_model_files
+    from gpt.config import RunConfig
+    from gpt.tokenizer import CharTokenizer
+
+    model = tiny(embedding_dim=width, vocab_size=len(VOCAB), block_size=24)
+    run = RunConfig()
+    run.model = model.config
+    (tmp_path / "ckpt").mkdir()
+    write_model_files(tmp_path / "ckpt", model, CharTokenizer(VOCAB), {"step": 0}, run.to_dict())
+    manifest = export(tmp_path / "ckpt", tmp_path / "out", optimize=True, log=lambda s: None)
+    parity = manifest["parity"]
+    assert parity["fused"]["passed"] and parity["fused"]["max_rel_logit_error"] < 1e-4, parity["fused"]
+    assert parity["fused_greedy"]["identical"] and parity["fused_greedy"]["tokens"] > model.config.block_size
+    graph = onnx.load(tmp_path / "out" / manifest["files"]["fused"], load_external_data=False).graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    rotary = [{a.name: a.i for a in n.attribute}.get("do_rotary", 0) for n in attention]
+    assert rotary == [int(width == 64)] * 2
+    assert ("Split" in manifest["graphs"]["fused"]["ops"]) == (width == 32)  # the QKV split to be turned by hand
 
 
 @pytest.mark.slow
