@@ -87,11 +87,13 @@ def bench_bpe(vocab: int):
 
 
 def make_export(folder: Path, layers: int, heads: int, dim: int, block: int, family: dict | None = None,
-                **options) -> Path:
-    """That checkpoint (of `family`'s architecture, see family()) exported (and verified) to folder/seed."""
+                vocab: int | None = None, **options) -> Path:
+    """That checkpoint (of `family`'s architecture, see family(); `vocab`: random_checkpoint's) in
+    folder/checkpoint, exported (and verified) to folder/seed."""
     from export.pipeline import export
 
-    checkpoint, _, _ = random_checkpoint(folder / "checkpoint", layers, heads, dim, block, **(family or {}))
+    checkpoint, _, _ = random_checkpoint(folder / "checkpoint", layers, heads, dim, block, vocab=vocab,
+                                         **(family or {}))
     export(checkpoint, folder / "seed", log=lambda s: None, **options)
     return folder / "seed"
 
@@ -149,5 +151,6 @@ def wait_healthy(url: str, seconds: float = 60.0) -> bool:
             if requests.get(f"{url}/health", timeout=1).ok:
                 return True
         except requests.ConnectionError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)  # not up, or up and loading (503)
     return False

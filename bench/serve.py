@@ -5,11 +5,21 @@
     python bench/serve.py --models fused-int4 --concurrency 1 8
 
 Starts `python -m serve.server` on loopback and runs C client threads, each sending streaming
-completions one after another. Reports aggregate tokens/s across clients, p50/p99 time to first
-token and p50/p99 time between tokens, and the ratio of aggregate tokens/s at each concurrency to
-concurrency 1 (the baseline: one client at a time), for each model in turn: the portable graph
-(a cache rebuilt through the host as sequences join and leave) and the fused graph (slots of one
-preallocated cache, written in place).
+completions one after another, prompts of random token ids of mixed lengths (`--prompt-lengths`).
+Reports aggregate tokens/s across clients (tokens as the server's usage counts them), p50/p99 time
+to first token and p50/p99 time between tokens, and the ratio of aggregate tokens/s at each
+concurrency to concurrency 1 (the baseline: one client at a time), for each model in turn: the
+portable graph (a cache rebuilt through the host as sequences join and leave) and the fused graph
+(slots of one preallocated cache, written in place).
+
+`--llama-server`: llama.cpp's server on the same weights, as Q4_0 (our GGUF export), with as many
+slots as --max-batch and the same threads, measured with the same clients after ours
+(bench/llama_server.py builds it once). The clients run on the same cores as the servers: on 2
+cores they cost both alike. The goals compare our fused int4 with it at 8 and 32 clients:
+
+    python bench/serve.py --models fused fused-int4 --llama-server --threads 2
+    python bench/serve.py --models fused-int4 --llama-server --threads 2 --layers 12 --heads 12 --dim 768 \
+        --block 1024 --vocab 50257 --requests-per-client 1          # GPT-2-small's shape
 
 `--chat`: what the chat API adds. The export gets a plain chat template in its tokenizer_config.json
 (as a user may add one; its markers are ordinary text, so any vocabulary takes it), and each model
@@ -47,29 +57,42 @@ import requests  # noqa: E402
 from bench.common import add_shape_arguments, family, machine, make_export, wait_healthy  # noqa: E402
 
 
-def stream_one(url: str, prompt: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
-    """(time to first token, gaps between later tokens, tokens) of one streaming request."""
+def stream_one(url: str, prompt: str | list[int], max_tokens: int, seed: int) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between later tokens, tokens) of one streaming request; tokens as the
+    server counts them (usage, in the last chunk), the same for any tokenizer and either server."""
     start = time.perf_counter()
     r = requests.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "seed": seed,
-                                                     "temperature": 0.8, "stream": True}, stream=True, timeout=600)
+                                                     "temperature": 0.8, "stream": True,
+                                                     "stream_options": {"include_usage": True}}, stream=True,
+                      timeout=600)
     r.raise_for_status()
     stamps, tokens = [], 0
     for line in r.iter_lines(chunk_size=None):  # as they arrive: 512 bytes at a time would bunch them
         if line.startswith(b"data: {"):
-            n = len(json.loads(line[6:])["choices"][0]["text"])
-            if n:
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
-                tokens += n
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return stamps[0] - start, list(np.diff(stamps)), tokens
 
 
-def load(url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+def prompt_ids(client: int, i: int, vocab: int, room: int, lengths: list[int]) -> list[int]:
+    """Request i of client c: random token ids, lengths[(c + i) % len(lengths)] of them (at most `room`),
+    the same for both servers, never the last id (a BPE's end of text)."""
+    rng = np.random.default_rng(1000 * client + i)
+    return rng.integers(0, vocab - 1, min(lengths[(client + i) % len(lengths)], room)).tolist()
+
+
+def load(url: str, concurrency: int, args, vocab: int, block: int) -> dict:
+    requests_per_client, max_tokens = args.requests_per_client, args.max_tokens
     ttfts, gaps, tokens = [], [], [0]
     lock = threading.Lock()
 
     def client(c):
         for i in range(requests_per_client):
-            ttft, g, n = stream_one(url, "ROMEO:", max_tokens, seed=c * 1000 + i)
+            prompt = prompt_ids(c, i, vocab, block - max_tokens, args.prompt_lengths)
+            ttft, g, n = stream_one(url, prompt, max_tokens, seed=c * 1000 + i)
             with lock:
                 ttfts.append(ttft)
                 gaps.extend(g)
@@ -93,6 +116,9 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--export-dir", default=None)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[8, 64, 192],
+                        help="prompt tokens of each client's requests in turn, client c starting at the c-th "
+                        "(default 8 64 192: mixed)")
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads in the server (0: all cores)")
     parser.add_argument("--max-batch", type=int, default=32)
@@ -103,34 +129,45 @@ def run(argv: list[str] | None = None) -> None:
                         "had (0: not measured)")
     parser.add_argument("--models", nargs="+", default=["fp32", "fused", "fused-int4"],
                         help="the export's models to serve in turn (default: portable fp32, fused fp32, fused int4)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="a byte-level BPE of this many tokens (GPT-2's shape: --layers 12 --heads 12 --dim 768 "
+                        "--block 1024 --vocab 50257); default the 65 characters")
+    parser.add_argument("--llama-server", action="store_true",
+                        help="also serve the same weights as Q4_0 with llama.cpp's llama-server, built first if it "
+                        "is not in the cache (bench/llama_server.py)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(args.export_dir) if args.export_dir else make_export(
             Path(tmp), args.layers, args.heads, args.dim, args.block, family(args), optimize=True, int4=True,
-            eval_tokens=512)
+            eval_tokens=512, vocab=args.vocab)
         if args.chat:
             export_dir = with_chat_template(export_dir, Path(tmp) / "chat")
         files = json.loads((export_dir / "manifest.json").read_text())["files"]
         models = [m for m in args.models if m in files]
-        results = {m: serve_and_load(export_dir, m, args) for m in models}
         manifest = json.loads((export_dir / "manifest.json").read_text())["model"]
+        results = {m: serve_and_load(export_dir, m, args, manifest) for m in models}
+        if args.llama_server:
+            if args.export_dir:
+                raise SystemExit("--llama-server needs the benchmark's own random checkpoint: leave out --export-dir")
+            results["llama-server q4_0"] = llama_server_load(Path(tmp), args, manifest)
 
     print(f"machine: {machine()}")
     print(f"server onnxruntime threads {args.threads or 'all'}, max batch "
           f"{args.max_batch}; model {manifest['num_layers']} layers, {manifest['embedding_dim']}-d, block "
-          f"{manifest['block_size']}; prompt 'ROMEO:', {args.max_tokens} new tokens, streaming")
+          f"{manifest['block_size']}, vocabulary {manifest['vocab_size']}; prompts of random token ids, "
+          f"{'/'.join(map(str, args.prompt_lengths))} tokens in turn, {args.max_tokens} new tokens each, streaming")
     skipped = [m for m in args.models if m not in models]
     if skipped:
         print(f"not in the export folder, skipped: {', '.join(skipped)}")
-    print(f"{'model':>10s} {'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} "
+    print(f"{'model':>17s} {'clients':>7s} {'requests':>8s} {'tokens/s':>9s} {'vs 1':>6s} {'TTFT p50':>9s} "
           f"{'TTFT p99':>9s} {'token p50':>10s} {'token p99':>10s}")
     chat = {model: rows.pop() for model, rows in results.items() if args.chat}
     prefix = {model: rows.pop() for model, rows in results.items() if args.prefix_tokens}
     for model, rows in results.items():
         base = rows[0]["tokens_per_s"]
         for r in rows:
-            print(f"{model:>10s} {r['concurrency']:7d} {r['requests']:8d} {r['tokens_per_s']:9.1f} "
+            print(f"{model:>17s} {r['concurrency']:7d} {r['requests']:8d} {r['tokens_per_s']:9.1f} "
                   f"{r['tokens_per_s'] / base:5.2f}x {r['ttft_p50_ms']:7.1f}ms {r['ttft_p99_ms']:7.1f}ms "
                   f"{r['gap_p50_ms']:8.1f}ms {r['gap_p99_ms']:8.1f}ms")
     for model, rows in results.items():
@@ -138,6 +175,13 @@ def run(argv: list[str] | None = None) -> None:
         if eight and rows[0]["concurrency"] == 1:
             ratio = eight["tokens_per_s"] / rows[0]["tokens_per_s"]
             print(f"{model}: 8 clients / 1 client aggregate tokens/s {ratio:.2f}x (goal >= 5x)")
+    if "llama-server q4_0" in results and "fused-int4" in results:
+        ours, theirs = ({r["concurrency"]: r for r in results[m]} for m in ("fused-int4", "llama-server q4_0"))
+        for c in sorted(set(ours) & set(theirs)):
+            print(f"{c} clients, ours (fused int4) / llama-server (q4_0): aggregate tokens/s "
+                  f"{ours[c]['tokens_per_s'] / theirs[c]['tokens_per_s']:.2f}x (goal >= 1.3x at 8 and 32); "
+                  f"TTFT p99 {ours[c]['ttft_p99_ms']:.0f} ms against {theirs[c]['ttft_p99_ms']:.0f} ms "
+                  "(goal: no worse)")
     for model, p in prefix.items():
         print(f"{model}: a {args.prefix_tokens}-token shared prefix: TTFT of the second request "
               f"{p['second_ms']:.1f} ms / the first's {p['first_ms']:.1f} ms: median of 5 rounds' ratios "
@@ -217,11 +261,37 @@ def with_chat_template(export_dir: Path, copy: Path) -> Path:
     return copy
 
 
-def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
-    """Start the server on one model of the folder, measure each concurrency, stop it."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def llama_server_load(tmp: Path, args, manifest: dict) -> list[dict]:
+    """llama.cpp's llama-server on the same weights as Q4_0 (our GGUF export), with as many slots as our
+    --max-batch, each of the model's context, and the same threads: each concurrency measured as ours."""
+    from bench.llama_server import build, start
+    from export.gguf import export_gguf
+
+    binary = build()
+    export_gguf(tmp / "checkpoint", tmp / "gguf", types=["q4_0"], log=lambda s: None)
+    port = free_port()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    server = start(binary, tmp / "gguf" / "model.q4_0.gguf", port, threads, args.max_batch, manifest["block_size"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_healthy(url, seconds=300):
+            raise SystemExit("llama-server did not become healthy in 300 s")
+        stream_one(url, [1, 2, 3], 8, 0)  # warm up
+        return [load(url, c, args, manifest["vocab_size"], manifest["block_size"]) for c in args.concurrency]
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def serve_and_load(export_dir: Path, model: str, args, manifest: dict) -> list[dict]:
+    """Start the server on one model of the folder, measure each concurrency, stop it."""
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
                                "--threads", str(args.threads), "--max-batch", str(args.max_batch),
@@ -231,10 +301,9 @@ def serve_and_load(export_dir: Path, model: str, args) -> list[dict]:
         if not wait_healthy(url):
             raise SystemExit(f"the server serving {model} did not become healthy in 60 s")
         stream_one(url, "ROMEO:", 8, 0)  # warm up
-        rows = [load(url, c, args.requests_per_client, args.max_tokens) for c in args.concurrency]
+        rows = [load(url, c, args, manifest["vocab_size"], manifest["block_size"]) for c in args.concurrency]
         if args.prefix_tokens:
-            vocab = json.loads((export_dir / "manifest.json").read_text())["model"]["vocab_size"]
-            rows.append(shared_prefix(url, args.prefix_tokens, vocab))
+            rows.append(shared_prefix(url, args.prefix_tokens, manifest["vocab_size"]))
         if args.chat:
             chat, completion, ratio = per_token(url, [{"role": "user", "content": "ROMEO:"}], 20, args.max_tokens,
                                                 temperature=0.0)

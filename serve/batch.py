@@ -59,7 +59,7 @@ class Sequence:
     entries: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when logprobs is set
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
+        self._rng: np.random.Generator | None = None  # made at the first sample: a scored prompt never draws
         self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be forming
         self.counts: np.ndarray | None = None  # how often each token was generated, for the penalties
 
@@ -70,7 +70,9 @@ class Sequence:
         if self.params.penalized:
             self.counts = np.zeros(len(logits)) if self.counts is None else self.counts
             row = penalize(logits, self.counts, self.params)
-        token = sample(row, self.params, self.rng)
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        token = sample(row, self.params, self._rng)
         if self.counts is not None:
             self.counts[token] += 1
         if self.logprobs is not None:

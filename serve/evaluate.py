@@ -48,7 +48,7 @@ def scored_text(tokenizer, text: str) -> tuple[list[int], int]:
     return ids, len(tokenizer.decode(ids[1:]).encode("utf-8"))
 
 
-def evaluate_variant(model, texts: list[tuple[list[int], int]], stride: int | None, batch: int) -> dict:
+def evaluate_variant(model, texts: list[tuple[list[int], int]], stride: int | None, batch: int | None) -> dict:
     """One model's figures over the tokenized documents."""
     from serve.scoring import Scorer
 
@@ -68,7 +68,7 @@ def evaluate_variant(model, texts: list[tuple[list[int], int]], stride: int | No
 
 
 def evaluate(export_dir: str | Path, spec: str, variants: str = "all", stride: int | None = None, threads: int = 0,
-             batch: int = 8, log=print) -> dict:
+             batch: int | None = None, log=print) -> dict:
     """Score the text under each variant; returns the report (what --json writes)."""
     from serve.manifest import read_manifest
     from serve.runtime import OnnxModel
@@ -124,7 +124,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=None,
                         help="tokens between window starts (default block_size: disjoint windows, as lm-eval)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    parser.add_argument("--batch", type=int, default=8, help="windows scored together")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="windows scored together (default: as many as 256 MiB of logits hold, at most 32)")
     parser.add_argument("--json", default="evaluation.json", help="where to write the figures (default "
                         "evaluation.json)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

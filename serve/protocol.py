@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from itertools import accumulate
 
+import numpy as np
+import orjson
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,7 +35,7 @@ from serve.generate import validate_request
 from serve.guard import error_body
 from serve.runtime import OnnxModel
 from serve.scheduler import Limits
-from serve.scoring import TokenLogprob, token_text
+from serve.scoring import TokenLogprob, token_table
 
 MAX_LOGPROBS = 5  # as OpenAI's completions API
 
@@ -178,26 +180,36 @@ def usage(work: Work, sequences: list[Sequence]) -> dict:
 
 def prompt_logprobs(tokenizer: Tokenizer, s: Sequence) -> tuple[str, dict]:
     """The prompt's text as echo returns it, and its tokens' `logprobs` lists (the first token has no
-    logprob): built list by list, not token by token, as a scoring request has tens of thousands."""
-    ids = s.prompt_ids
-    decoder = tokenizer.stream()
-    feed = decoder.feed
-    pieces = [feed(t) for t in ids]  # each token's text as it completes characters
-    offsets = [0, *accumulate(map(len, pieces))][:-1]
-    names = [token_text(tokenizer, t) for t in ids]
+    logprob): built from the vocabulary's arrays (serve.scoring.TokenTable) a list at a time, as a
+    scoring request has tens of thousands of tokens; a prompt with a token that is part of a character
+    reads its text through a stream decoder, token by token."""
+    ids, table = np.asarray(s.prompt_ids, np.int64), token_table(tokenizer)
+    if table.whole[ids].all():  # every token whole characters: each reads as its own text
+        text, offsets = "".join(table.pieces[ids].tolist()), np.cumsum(table.lengths[ids]) - table.lengths[ids]
+        offsets = offsets.tolist()
+    else:
+        decoder = tokenizer.stream()
+        pieces = [decoder.feed(t) for t in s.prompt_ids]  # each token's text as it completes characters
+        text, offsets = "".join(pieces) + decoder.flush(), [0, *accumulate(map(len, pieces))][:-1]
+    names = table.names[ids].tolist()
     scores = s.prompt_scores
     if scores is None:
         logprobs, tops = [None] * len(ids), [None] * len(ids)
     else:
         logprobs = [None, *scores.logprobs.tolist()]
-        if scores.top:
-            tops = [None] + [{token_text(tokenizer, t): lp for t, lp in row} for row in scores.top]
+        k = scores.top_ids.shape[1] if scores.top_ids is not None else 0
+        if k == 1:  # an evaluation client's logprobs=1: the best token, and the chosen one when another
+            tops = [None] + [{a: x} if a == b else {a: x, b: y} for a, x, b, y in
+                             zip(table.names[scores.top_ids[:, 0]].tolist(), scores.top_logprobs[:, 0].tolist(),
+                                 names[1:], logprobs[1:])]
+        elif k:
+            top_names, top_values = table.names[scores.top_ids].tolist(), scores.top_logprobs.tolist()
+            tops = [None, *map(dict, map(zip, top_names, top_values))]
             for top, name, logprob in zip(tops[1:], names[1:], logprobs[1:]):
                 top.setdefault(name, logprob)  # the chosen token is always among them
         else:
             tops = [None] + [{name: logprob} for name, logprob in zip(names[1:], logprobs[1:])]
-    lists = {"tokens": names, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
-    return "".join(pieces) + decoder.flush(), lists
+    return text, {"tokens": names, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def logprobs_object(entries: list[TokenLogprob], shift: int = 0) -> dict:
@@ -236,7 +248,7 @@ def encode_chunk(head: dict, event: Event, work: Work, prompt: tuple[str, dict |
             logprobs = {key: prompt[1][key] + values for key, values in logprobs.items()}
     choice = {"text": prompt[0] + event.text, "index": s.tag.index, "logprobs": logprobs,
               "finish_reason": s.finish_reason if event.finished else None}
-    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+    return f"data: {orjson.dumps({**head, 'choices': [choice]}).decode()}\n\n"
 
 
 def encode_usage_chunk(head: dict, work: Work, sequences: list[Sequence]) -> str:

@@ -143,7 +143,7 @@ class Scheduler:
             scores = self.scorer.score_many([s.prompt_ids for s in scoring], top=top,
                                             next_token=[s.max_new_tokens == 1 for s in scoring])
             for s, result in zip(scoring, scores):
-                result.top = [t[:s.logprobs] for t in result.top] if s.logprobs != top else result.top
+                result.keep_top(s.logprobs)
                 s.prompt_scores = result
         events, decode = [], []
         for s in sequences:

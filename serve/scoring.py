@@ -17,7 +17,7 @@ Imports no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,24 +33,36 @@ if TYPE_CHECKING:
 @dataclass
 class TokenScores:
     """Scores of ids[1:] (the first token has no context): its log-probability, and with `top` > 0 the
-    most likely tokens at that position as (id, log-probability), best first; with `next_token`, the
-    logits after the last token (read over its last block_size tokens, as generation would)."""
+    most likely tokens at that position and their log-probabilities, best first, as arrays (a scoring
+    request has tens of thousands of tokens: nothing here is a Python object per token); with
+    `next_token`, the logits after the last token (read over its last block_size tokens, as
+    generation would)."""
 
     logprobs: np.ndarray  # (n - 1,) float64
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    top_ids: np.ndarray | None = None  # (n - 1, top) int64, when top > 0
+    top_logprobs: np.ndarray | None = None  # (n - 1, top) float64
     next_logits: np.ndarray | None = None  # (V,)
 
     @property
     def total(self) -> float:
         return float(self.logprobs.sum())
 
+    def keep_top(self, k: int) -> None:
+        """Keep the `k` most likely tokens at each position (a request that asked for fewer than others)."""
+        if self.top_ids is not None:
+            self.top_ids, self.top_logprobs = self.top_ids[:, :k], self.top_logprobs[:, :k]
+
 
 class Scorer:
     """Rolling-window scoring with one model: windows of the same length, from any of the texts scored
     together, run `batch` at a time."""
 
-    def __init__(self, model: OnnxModel, batch: int = 8):
-        self.model, self.batch = model, batch
+    def __init__(self, model: OnnxModel, batch: int | None = None):
+        """`batch`: windows per call; default as many as 256 MiB of logits hold, from 1 to 32 (a small
+        model's windows batched 16 or 32 at a time scored in 0.76x the time of 8, the CPU config's
+        portable graph; GPT-2's 1024 x 50,257 logits take 206 MB a window)."""
+        per_window = model.block_size * model.vocab_size * 4
+        self.model, self.batch = model, batch or max(1, min(32, (256 << 20) // per_window))
         self._buffers: CacheBuffers | None = None  # a shared-cache graph's scratch slots, made on first use
 
     def windows(self, n: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -79,8 +91,10 @@ class Scorer:
         that follow text i."""
         T = self.model.block_size
         texts = [np.asarray(ids, dtype=np.int64) for ids in texts]
-        results = [TokenScores(np.zeros(max(len(ids) - 1, 0)), [[] for _ in range(max(len(ids) - 1, 0))] if top
-                               else []) for ids in texts]
+        k = min(top, self.model.vocab_size)
+        results = [TokenScores(np.zeros(max(len(ids) - 1, 0)),
+                               *((np.zeros((max(len(ids) - 1, 0), k), np.int64),
+                                  np.zeros((max(len(ids) - 1, 0), k))) if top else ())) for ids in texts]
         jobs = [(i, s, e, first) for i, ids in enumerate(texts) for s, e, first in self.windows(len(ids), stride)]
         jobs += [(i, max(0, len(ids) - T), len(ids), None) for i, ids in enumerate(texts)
                  if next_token and next_token[i]]  # first None: the window's last logits are the next token's
@@ -112,7 +126,7 @@ class Scorer:
                 values = np.take_along_axis(lp, best, axis=1)
                 order = np.argsort(-values, axis=1, kind="stable")
                 best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
-            result.top[s + first:e] = [list(zip(b, v)) for b, v in zip(best.tolist(), values.tolist())]
+            result.top_ids[s + first:e], result.top_logprobs[s + first:e] = best, values
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of B windows of T tokens, each read from position 0 with no past."""
@@ -136,6 +150,40 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
     if text is None:
         text = texts[token] = EOT if token == tokenizer.eot_id else tokenizer.decode([token])
     return text
+
+
+@dataclass
+class TokenTable:
+    """Every token of a vocabulary as `logprobs` names it and as it reads in a text, in arrays that a
+    whole prompt indexes at once. `whole[t]`: the token's bytes are whole characters, so in a text of
+    such tokens each reads as its own `piece` (a stream decoder gives the same)."""
+
+    names: np.ndarray  # (V,) object: token_text
+    pieces: np.ndarray  # (V,) object: the token's text on its own
+    lengths: np.ndarray  # (V,) int64: len(pieces)
+    whole: np.ndarray  # (V,) bool
+
+
+def token_table(tokenizer: Tokenizer) -> TokenTable:
+    """The tokenizer's TokenTable, made on first use and kept on it."""
+    table = vars(tokenizer).get("_token_table")
+    if table is None:
+        def whole_text(b: bytes) -> str | None:
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError:  # part of a character: only a stream decoder can place it
+                return None
+
+        decoded = [whole_text(b) for b in tokenizer.token_bytes()]
+        V = len(decoded)
+        names = np.empty(V, dtype=object)
+        names[:] = [token_text(tokenizer, t) for t in range(V)]
+        pieces = np.empty(V, dtype=object)
+        pieces[:] = [d or "" for d in decoded]
+        lengths = np.array([len(d or "") for d in decoded], np.int64)
+        table = vars(tokenizer)["_token_table"] = TokenTable(names, pieces, lengths,
+                                                              np.array([d is not None for d in decoded]))
+    return table
 
 
 @dataclass

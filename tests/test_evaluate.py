@@ -75,7 +75,8 @@ def test_the_fused_graph_scores_as_the_portable_one(export_dir):
     portable = Scorer(OnnxModel(export_dir, threads=1)).score(ids, top=3)
     fused = Scorer(OnnxModel(export_dir, threads=1, variant="fused")).score(ids, top=3)
     np.testing.assert_allclose(fused.logprobs, portable.logprobs, atol=1e-4)
-    assert [t[0][0] for t in fused.top] == [t[0][0] for t in portable.top]
+    np.testing.assert_array_equal(fused.top_ids[:, 0], portable.top_ids[:, 0])
+    assert fused.top_ids.shape == (len(ids) - 1, 3)
 
 
 def test_penalize_is_openais_formula_and_log_softmax_is_pytorchs():
@@ -147,6 +148,39 @@ def _echo_equals_evaluate(url, bpe_export_dir, text_file, variant):
     assert body["choices"][0]["text"] == TEXT and logprobs["tokens"][0] == "<|endoftext|>"
     offsets = logprobs["text_offset"]
     assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+@pytest.mark.parametrize("text", ["ROMEO: But soft, what light", "Café ☕ and naïve crème brûlée"],
+                         ids=["whole characters", "characters split across tokens"])
+def test_echo_lists_built_from_the_vocabulary_table_equal_token_by_token_ones(bpe_export_dir, text):
+    """prompt_logprobs builds its lists from arrays of the vocabulary; a token that is part of a
+    character sends the prompt through a stream decoder. Either way: the lists built one token at a time."""
+    from serve.batch import Sequence
+    from serve.protocol import prompt_logprobs
+    from serve.scoring import token_text
+
+    model = OnnxModel(bpe_export_dir, threads=1)
+    tokenizer = model.tokenizer
+    ids = [tokenizer.eot_id, *tokenizer.encode(text)]
+    decoder = tokenizer.stream()
+    pieces = [decoder.feed(t) for t in ids]
+    split = any(p == "" for p in pieces[1:])
+    assert split == ("Café" in text)  # the case this parameter is meant to be
+    for top in (0, 1, 3):
+        s = Sequence(ids, 0, logprobs=top, score_prompt=True)
+        s.prompt_scores = Scorer(model).score_many([ids], top=top)[0]
+        echoed, lists = prompt_logprobs(tokenizer, s)
+        assert echoed == "".join(pieces) + decoder.flush() == text
+        assert lists["text_offset"] == [sum(map(len, pieces[:i])) for i in range(len(ids))]
+        assert lists["tokens"] == [token_text(tokenizer, t) for t in ids]
+        lp = s.prompt_scores.logprobs.tolist()
+        assert lists["token_logprobs"] == [None, *lp]
+        expected = [{token_text(tokenizer, int(t)): float(v) for t, v in zip(row_ids, row_lp)}
+                    for row_ids, row_lp in zip(s.prompt_scores.top_ids, s.prompt_scores.top_logprobs)] if top else \
+            [{} for _ in lp]
+        for entry, name, logprob in zip(expected, lists["tokens"][1:], lp):
+            entry.setdefault(name, logprob)
+        assert lists["top_logprobs"] == [None, *expected]
 
 
 def test_logprobs_are_the_raw_distribution_in_streams_and_whole_responses(server):
