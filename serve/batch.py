@@ -7,7 +7,8 @@ reference) between steps. Two kinds of batch, one per kind of graph, behind one 
 - `SlotBatch`, for the fused graph (`cache: shared` in the manifest): the cache is allocated once
   (serve/cache.py), one slot of `block_size` positions per sequence, and bound as both past and
   present, so the attention op writes each new key and value in place. A sequence joins by
-  prefilling alone into a free slot and leaves by freeing it: nothing is copied.
+  prefilling alone into a free slot (after the blocks of its prompt that an earlier prompt computed,
+  copied in: serve/prefix.py) and leaves by freeing it.
 - `PaddedBatch`, for the portable graph (`cache: concat`): the graph returns a longer cache each
   step. Sequences are left-padded: the attention mask marks real tokens, and each sequence's
   positions count its own real tokens. Joining and leaving rebuild the cache through the host.
@@ -30,7 +31,7 @@ import numpy as np
 from gpt.sampling import SamplingParams, penalize, refill_context, sample
 from gpt.tokenizer import StreamDecoder, Tokenizer, stop_ids
 from serve.cache import CacheBuffers, StepBinding
-from serve.prefix import BLOCK, PrefixCache
+from serve.prefix import PrefixCache
 from serve.scoring import TokenLogprob, logprob_entry
 
 if TYPE_CHECKING:
@@ -149,6 +150,9 @@ class Batch(ABC):
     @abstractmethod
     def cache_bytes_in_use(self) -> int:
         """Bytes of KV cache the batch's sequences hold now."""
+
+    def warm(self) -> None:
+        """Make the first requests cost what later ones do (a server calls it before it says ready)."""
 
     # --- decoding --------------------------------------------------------------------------------
 
@@ -310,6 +314,15 @@ class SlotBatch(Batch):
     def cache_bytes_in_use(self) -> int:
         return len(self.slot_of) * self.model.cache_bytes(1)
 
+    def warm(self) -> None:
+        """Commit the cache's memory (as llama.cpp's server clears its own at start; else each slot's first
+        sequences pay its page faults) and prefill a long prompt, growing onnxruntime's arena once."""
+        for a in getattr(self.buffers, "arrays", []):
+            a.fill(0)
+        prefix, self.prefix = self.prefix, None  # no prompt of a client's to keep
+        self._prefill(0, [0] * min(self.model.block_size, 512))
+        self.prefix, self.length[0] = prefix, 0
+
     def _take_slot(self) -> int:
         if not self.free:  # more sequences than slots: double the buffers (one copy, not per step)
             old = self.buffers.slots
@@ -321,8 +334,7 @@ class SlotBatch(Batch):
 
     def _prefill(self, slot: int, ids: list[int]) -> np.ndarray:
         """Run `ids` alone into an empty slot, which then caches them; the last position's logits (V,).
-        With a prefix cache, the longest prefix it holds is copied into the slot and the rest runs after
-        it (a chunk after a past); the prompt's blocks are kept for the next prompt."""
+        The longest prefix the prefix cache holds is copied in first, the rest run after it (a past)."""
         self.length[slot] = len(ids)
         if not ids:
             return np.zeros(self.model.vocab_size, np.float32)
@@ -350,11 +362,9 @@ class SlotBatch(Batch):
         keep = [i for i, s in enumerate(self.sequences) if id(s) not in gone]
         if len(keep) == len(self.sequences):
             return
-        for s in self.sequences:
-            if id(s) in gone:
-                slot = self.slot_of.pop(id(s))
-                self.length[slot] = 0
-                bisect.insort(self.free, slot)
+        for slot in (self.slot_of.pop(id(s)) for s in self.sequences if id(s) in gone):
+            self.length[slot] = 0
+            bisect.insort(self.free, slot)
         self.sequences = [self.sequences[i] for i in keep]
         self.logits = self.logits[keep]
 
@@ -386,6 +396,4 @@ def make_batch(model: OnnxModel, slots: int | None = None, prefix_bytes: int = 0
     `prefix_bytes`: the bound of the fused graph's prefix cache on the CPU (0: none; serve/prefix.py)."""
     if not model.shared_cache:
         return PaddedBatch(model)
-    reuse = prefix_bytes > 0 and model.device == "cpu"  # its buffers are numpy arrays there
-    block = max(1, min(BLOCK, model.block_size // 8))  # a short context reuses shorter blocks
-    return SlotBatch(model, slots or 1, PrefixCache(prefix_bytes, block) if reuse else None)
+    return SlotBatch(model, slots or 1, PrefixCache.for_model(model, prefix_bytes))

@@ -37,6 +37,15 @@ class PrefixCache:
         self.bytes = 0
         self.lookups = self.hits = self.tokens_reused = self.evictions = 0
 
+    @classmethod
+    def for_model(cls, model, max_bytes: int) -> PrefixCache | None:
+        """A prefix cache for a shared-cache model's slots, None where it has none: a bound of 0, or a
+        device other than the CPU (there the slots are numpy arrays). A short context reuses shorter
+        blocks: an eighth of it, at most BLOCK."""
+        if max_bytes <= 0 or model.device != "cpu":
+            return None
+        return cls(max_bytes, max(1, min(BLOCK, model.block_size // 8)))
+
     def keys(self, ids: list[int], blocks: int) -> list[bytes]:
         """The digests of the first `blocks` blocks of `ids`, each of every token up to its end."""
         keys, digest = [], b""

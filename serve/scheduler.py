@@ -42,6 +42,10 @@ class Limits:
 # 504: the loop ends overdue sequences itself, so this only fires if the loop is stuck.
 DEADLINE_GRACE_S = 30.0
 
+# Prompt tokens admitted (prefilled) per step at most, as llama.cpp's server takes prompts in batches
+# of 512 between its decoding steps
+PREFILL_TOKENS = 512
+
 
 def log_error(message: str, exc: BaseException) -> str:
     """Write an internal failure, with its traceback, to the server's log; return the id that the
@@ -95,6 +99,7 @@ class Scheduler:
         self.error: str | None = None
 
     def start(self) -> None:
+        self.batch.warm()  # before /health says ready: the cache committed, the first prefill's memory grown
         self.thread.start()
 
     def stop(self) -> None:
@@ -133,6 +138,18 @@ class Scheduler:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
+    def _take(self, room: int) -> list[Sequence]:
+        """The waiting sequences to admit this step (under the lock): while there is room, and while
+        their prompts come to at most PREFILL_TOKENS (one at least), so the sequences decoding meanwhile
+        wait for one step's worth of prefill, not for every prompt that arrived at once. Prompts that
+        are only scored count for nothing: they never join the batch, and are scored together."""
+        admit, budget = [], PREFILL_TOKENS
+        while self.waiting and len(admit) < room and (budget > 0 or not admit):
+            s = self.waiting.popleft()
+            admit.append(s)
+            budget -= 0 if s.score_prompt and s.max_new_tokens <= 1 else len(s.prompt_ids)
+        return admit
+
     def _admit(self, sequences: list[Sequence]) -> list[Event]:
         """Score the prompts that asked for it (echo with logprobs), all in one batch of windows; finish
         those that want no new token, and those that want one from the logits the scoring read (an
@@ -166,8 +183,7 @@ class Scheduler:
                         self.lock.wait()
                     if self.stopping:
                         return
-                    room = self.limits.max_batch - len(self.batch)
-                    admit = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                    admit = self._take(self.limits.max_batch - len(self.batch))
                 now = time.monotonic()
                 # retire sequences whose client went away or whose time is up
                 dropped = [s for s in self.batch.sequences if s.tag.request.cancelled or now > s.tag.request.deadline]

@@ -657,3 +657,22 @@ def test_a_bpe_model_streams_whole_characters_equal_to_the_full_text(bpe_export_
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_step_admits_prompts_up_to_its_prefill_budget_and_scored_prompts_beside_them(export_dir):
+    """Sequences that arrive together join over several steps, PREFILL_TOKENS of prompt at most a step
+    (one at least, however long), so those already decoding wait one step's prefill; a scoring request's
+    prompts never join the batch and are taken all at once."""
+    from serve.batch import Sequence
+    from serve.scheduler import PREFILL_TOKENS, Limits, Scheduler
+
+    scheduler = Scheduler(OnnxModel(export_dir, threads=1), Limits())
+    long, short = [1] * (PREFILL_TOKENS - 100), [1] * 150
+    scheduler.waiting.extend([Sequence(long, 5), Sequence(short, 5), Sequence(short, 5), Sequence(long + long, 5)])
+    assert [len(s.prompt_ids) for s in scheduler._take(16)] == [len(long), len(short)]  # the second passes it
+    assert [len(s.prompt_ids) for s in scheduler._take(1)] == [len(short)]  # room for one
+    assert [len(s.prompt_ids) for s in scheduler._take(16)] == [2 * len(long)]  # one at least, however long
+    scored, last = [Sequence(long, 0, score_prompt=True, logprobs=1) for _ in range(8)], Sequence(short, 5)
+    scheduler.waiting.extend([*scored, last])
+    taken = scheduler._take(16)
+    assert len(taken) == 9 and all(a is b for a, b in zip(taken, [*scored, last])) and not scheduler.waiting
