@@ -8,14 +8,18 @@ Starts `python -m serve.server` on loopback and runs, in order:
   1. quiet: well-formed clients alone (streaming and not), for the baseline latency;
   2. faults: the same clients, interleaved with clients that disconnect mid-stream, the catalogue
      of malformed requests, oversized bodies (declared and chunked), Content-Length together with
-     Transfer-Encoding, half-sent request lines and bodies, and bursts of idle connections;
+     Transfer-Encoding, half-sent request lines and bodies, bursts of idle connections, and a flood
+     of prompts that share no prefix, against a prefix cache of --prefix-cache-mb;
   3. settle: the faults stop; idle connections must be closed by the server's read timeout.
 
 It prints requests served, responses by status class, unexpected 5xx (goal 0), the server's RSS
 and open file descriptors at the start of the faults and after settling (goal: under 5% growth,
 descriptors back to baseline), and the p50/p99 latency of well-formed requests during the faults
-against the quiet baseline. Exit status 1 if a goal is missed. Every loop is bounded in time and
-count, and every connection goes to 127.0.0.1 only.
+against the quiet baseline; whether /metrics counted every response the clients got (goal: each one),
+and whether the prefix cache stayed within its bound (goal) while evicting. Exit status 1 if a goal
+is missed. Every loop is bounded in time and count, and every connection goes to 127.0.0.1 only.
+
+    python bench/soak.py --clients 32 --duration 120     # 32 well-formed clients beside the faults
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ class Tally:
                 self.unexpected.append(f"{kind}: {status}")
             if seconds is not None:
                 self.latency[self.phase].append(seconds)
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a metric's samples (every label) in the server's /metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
 
 
 def raw_exchange(port: int, data: bytes, timeout: float) -> int | str:
@@ -147,6 +158,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-timeout", type=float, default=3.0, help="the server's --read-timeout")
     add_shape_arguments(parser, layers=4, heads=4, dim=128, block=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefix-cache-mb", type=float, default=1.0,
+                        help="the server's prefix cache, small so that the flood of prefixes fills it (default 1)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     quiet_s = max(10.0, args.duration / 4)
@@ -164,13 +177,15 @@ def run(argv: list[str] | None = None) -> int:
         log = open(Path(tmp) / "server.log", "w+")
         server = subprocess.Popen([sys.executable, "-m", "serve.server", str(export_dir), "--port", str(port),
                                    "--threads", str(args.threads), "--max-queue", "256", "--max-connections", "256",
-                                   "--read-timeout", str(args.read_timeout)], cwd=ROOT, env=env, stderr=log)
+                                   "--read-timeout", str(args.read_timeout), "--prefix-cache-mb",
+                                   str(args.prefix_cache_mb)], cwd=ROOT, env=env, stderr=log)
         url = f"http://{HOST}:{port}"
         tally = Tally()
         stop = threading.Event()
         try:
             if not wait_healthy(url):
                 raise SystemExit("the server did not start: " + log.read())
+            counted_before = metric(url, "gpt_requests_total")  # this scrape is counted after it
 
             def good_client(c: int) -> None:
                 session, i = requests.Session(), 0
@@ -216,6 +231,18 @@ def run(argv: list[str] | None = None) -> int:
                         tally.record("malformed", type(e).__name__, set())
                     stop.wait(0.05)
 
+            def flooder() -> None:  # prompts sharing no prefix: the prefix cache must evict, never grow
+                local, i = random.Random(args.seed + 2), 0
+                while not stop.is_set() and i < 100_000:
+                    i += 1
+                    prompt = "".join(local.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(150))
+                    try:
+                        r = requests.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 1},
+                                          timeout=60)
+                        tally.record("prefix flood", r.status_code, {200})
+                    except requests.RequestException as e:
+                        tally.record("prefix flood", type(e).__name__, set())
+
             def idler() -> None:
                 bursts = 0
                 while not stop.is_set() and bursts < 1000:
@@ -238,7 +265,7 @@ def run(argv: list[str] | None = None) -> int:
             time.sleep(quiet_s)
             rss_start, fds_start = rss_kb(server.pid), open_fds(server.pid)
             tally.phase = "faults"
-            faults = [threading.Thread(target=f, daemon=True) for f in (disconnector, bad_client, idler)]
+            faults = [threading.Thread(target=f, daemon=True) for f in (disconnector, bad_client, idler, flooder)]
             for t in faults:
                 t.start()
             time.sleep(fault_s)
@@ -248,6 +275,10 @@ def run(argv: list[str] | None = None) -> int:
             time.sleep(args.read_timeout + 2)  # settle: idle connections time out, streams are retired
             health = requests.get(f"{url}/health", timeout=5).json()
             rss_end, fds_end = rss_kb(server.pid), open_fds(server.pid)
+            # less the first scrape (counted once it had answered) and the /health above
+            counted = metric(url, "gpt_requests_total") - counted_before - 2
+            prefix = {name: metric(url, f"gpt_prefix_cache_{name}") for name in ("bytes", "evictions_total",
+                                                                                   "hits_total")}
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -277,7 +308,13 @@ def run(argv: list[str] | None = None) -> int:
           f"{pct(noisy, 50) / pct(quiet, 50):.2f}x, p99 {pct(noisy, 99) / pct(quiet, 99):.2f}x")
     print(f"server health after: {health['status']}, {health.get('active')} active; "
           f"{server_log.count('Traceback')} tracebacks in its log")
-    ok = not unexpected_5xx and rss_growth < 0.05 and fds_end <= fds_start and health["status"] == "ok"
+    answered = sum(n for key, n in tally.status.items() if key.endswith("xx"))
+    print(f"/metrics counted {counted:.0f} responses; the clients got {answered} (goal: the same)")
+    bound = args.prefix_cache_mb * 2**20
+    print(f"prefix cache: {prefix['bytes'] / 2**20:.2f} MiB held after the flood (bound {args.prefix_cache_mb:g} MiB), "
+          f"{prefix['evictions_total']:.0f} blocks evicted, {prefix['hits_total']:.0f} hits")
+    ok = (not unexpected_5xx and rss_growth < 0.05 and fds_end <= fds_start and health["status"] == "ok"
+          and counted == answered and prefix["bytes"] <= bound and prefix["evictions_total"] > 0)
     print("goals met" if ok else "goals MISSED")
     return 0 if ok else 1
 
