@@ -332,6 +332,43 @@ def test_the_fused_fp16_graph_runs_on_cuda_with_its_cache_in_place_on_the_device
 
 
 @needs_ort_cuda
+def test_a_llamas_fused_fp16_graph_turns_queries_and_keys_on_cuda(tmp_path):
+    """GroupQueryAttention's own rotary (do_rotary, cos and sin tables in fp16) on the CUDA provider: a
+    tiny llama with 16-wide heads and 2 key/value heads for 4 against PyTorch fp32 over the parity grid,
+    and a batch that sequences join mid-decode giving each one's tokens alone."""
+    from bench.common import VOCAB
+    from export.pipeline import export
+    from export.verify import shared_parity_grid
+    from gpt.checkpoint import write_model_files
+    from gpt.config import RunConfig
+    from gpt.tokenizer import CharTokenizer
+    from serve.batch import Sequence, make_batch
+    from serve.generate import generate
+    from serve.runtime import OnnxModel
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch="llama", block_size=32, embedding_dim=64, num_heads=4, num_kv_heads=2,
+                            num_layers=2, vocab_size=len(VOCAB), rope_theta=500.0)).eval()
+    run = RunConfig()
+    run.model = model.config
+    (tmp_path / "ckpt").mkdir()
+    write_model_files(tmp_path / "ckpt", model, CharTokenizer(VOCAB), {"step": 0}, run.to_dict())
+    export(tmp_path / "ckpt", tmp_path / "out", fp16=True, optimize=True, log=lambda s: None)
+    runtime = OnnxModel(tmp_path / "out", device="cuda", variant="fused-fp16")
+    assert runtime.session.get_providers()[0] == "CUDAExecutionProvider"
+    grid = shared_parity_grid(model, runtime)
+    print(f"\nllama fused fp16 on CUDA vs PyTorch fp32: max |dlogits|/scale {grid['max_rel_logit_error']:.2e}")
+    assert grid["max_rel_logit_error"] < 2e-2
+    greedy = SamplingParams(greedy=True)
+    prompts = ["ROMEO:", "O", "KING HENRY:\nWhat"]
+    singles = [list(generate(runtime, p, 40, greedy))[-1].sequence.generated for p in prompts]
+    batch = make_batch(runtime, slots=2)
+    seqs = [Sequence(runtime.tokenizer.encode(p), 40, greedy) for p in prompts]
+    decode_joining(batch, seqs, {0: seqs[:1], 10: seqs[1:]})
+    assert [s.generated for s in seqs] == singles
+
+
+@needs_ort_cuda
 def test_the_http_server_on_cuda_serves_8_concurrent_streams_exactly(export_dir):
     import requests
 
