@@ -10,6 +10,9 @@ evicted least recently used; a lookup or a store touches a chain's deepest block
 block last, so eviction takes chains from their ends and never strands a block behind a missing one
 for long.
 
+Weight-only quantized graphs (int4, int8 weights) reuse as fp32 does: their kernels quantize each
+row's activations alone. Dynamic int8, which scales a whole call's activations at once, does not.
+
 At least one token of a prompt is always prefilled (its logits choose the next token), so a prompt
 reuses at most its whole blocks before its last token. What is reused is an exact copy of what the
 model computed for the same tokens at the same positions; the rest is prefilled after it as a chunk
@@ -39,10 +42,11 @@ class PrefixCache:
 
     @classmethod
     def for_model(cls, model, max_bytes: int) -> PrefixCache | None:
-        """A prefix cache for a shared-cache model's slots, None where it has none: a bound of 0, or a
-        device other than the CPU (there the slots are numpy arrays). A short context reuses shorter
-        blocks: an eighth of it, at most BLOCK."""
-        if max_bytes <= 0 or model.device != "cpu":
+        """A prefix cache for a shared-cache model's slots, None where it has none: a bound of 0, a
+        device other than the CPU (there the slots are numpy arrays), or dynamic int8, whose activations
+        are quantized by a scale over the whole call, so a prompt's keys and values depend on what ran
+        beside them. A short context reuses shorter blocks: an eighth of it, at most BLOCK."""
+        if max_bytes <= 0 or model.device != "cpu" or model.variant.endswith("int8"):
             return None
         return cls(max_bytes, max(1, min(BLOCK, model.block_size // 8)))
 

@@ -71,9 +71,10 @@ def decode_one_at_a_time(runtime, prefix, prompts, new_tokens):
     return out
 
 
+@pytest.mark.parametrize("variant", ["fused", "fused-int4"])
 @pytest.mark.parametrize("new_tokens", [6, 40], ids=["within the window", "refilled past block_size"])
-def test_reused_prefixes_give_the_same_tokens_and_logprobs(export_dir, new_tokens):
-    runtime = OnnxModel(export_dir, threads=1, variant="fused")
+def test_reused_prefixes_give_the_same_tokens_and_logprobs(export_dir, new_tokens, variant):
+    runtime = OnnxModel(export_dir, threads=1, variant=variant)
     header = "First Citizen:\nBefore "  # 22 characters: two whole blocks of 8 and part of a third
     prompts = [header + "we", header + "you", "ROMEO:", header + "we"]
     prefix = PrefixCache(1 << 20, block=8)
@@ -93,6 +94,8 @@ def test_the_server_reuses_a_prefix_counts_it_and_answers_the_same(export_dir):
     try:
         made = make_batch(OnnxModel(export_dir, threads=1, variant="fused"), slots=1, prefix_bytes=1 << 20).prefix
         assert made.block == 4  # blocks of an eighth of this model's 32 positions
+        dynamic = OnnxModel(export_dir, threads=1, variant="fused-int8")  # scales a whole call's activations
+        assert make_batch(dynamic, slots=1, prefix_bytes=1 << 20).prefix is None
         prompt = "First Citizen:\nBefore we"  # 24 tokens: 5 whole blocks of 4 before its last, 6 in all
 
         def count(name):
