@@ -48,3 +48,20 @@ def test_bad_parameters(kwargs):
 def test_refill_keeps_the_last_half_window():
     assert refill_context(list(range(9)), 8) == [5, 6, 7, 8]
     assert refill_context([1, 2], 1) == [2]
+
+
+@pytest.mark.parametrize("vocab", [5, 3000, 50257])
+def test_top_p_keeps_what_a_full_stable_sort_keeps(vocab):
+    """most_likely_until sorts only a partition's candidates (growing them while they hold too little):
+    the tokens kept, and their probabilities, are those of sorting every token."""
+    from gpt.sampling import most_likely_until
+
+    rng = np.random.default_rng(vocab)
+    for scale in (0.5, 3.0):  # flat (the candidates must grow) and peaked
+        p = np.exp(rng.standard_normal(vocab) * scale)
+        p /= p.sum()
+        for mass in (0.3, 0.9, 0.999):
+            order, cumulative = most_likely_until(p, mass)
+            full = np.argsort(-p, kind="stable")
+            assert cumulative[-1] >= mass and np.array_equal(order, full[:len(order)])
+            np.testing.assert_allclose(cumulative, np.cumsum(p[full])[:len(order)], rtol=1e-12)
