@@ -159,15 +159,18 @@ class FusedBuilder:
                   axis=0)
         self.make_skip_layer_norm("tok", "pos", "blocks.0.ln_1", None, "h.0.ln_1", "h.0.x")
 
+    def inv_freq(self) -> np.ndarray:
+        """Pair d's turn per position, theta^(-2d/D), (D/2,) in float32 as gpt/model.py's Rotary has it."""
+        D = self.config.head_dim
+        return np.float32(1.0) / (np.float32(self.config.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / D))
+
     def make_rotary_tables(self) -> None:
         """A llama's rotary angles for GroupQueryAttention to turn queries and keys by: `cos_cache` and
         `sin_cache` (block_size, D/2), row p the angles p · theta^(-2d/D) of pairs (d, d + D/2), in
         float32 as gpt/model.py's Rotary computes them. The op turns a call's token s by row
         seqlens_k + 1 - sequence_length + s: its position in a right-padded sequence, as `position_ids`
         holds it."""
-        D = self.config.head_dim
-        inv_freq = np.float32(1.0) / (np.float32(self.config.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / D))
-        angles = np.arange(self.config.block_size, dtype=np.float32)[:, None] * inv_freq  # (block_size, D/2)
+        angles = np.arange(self.config.block_size, dtype=np.float32)[:, None] * self.inv_freq()  # (block_size, D/2)
         self.const("cos_cache", np.cos(angles).astype(self.np_dtype))
         self.const("sin_cache", np.sin(angles).astype(self.np_dtype))
 
@@ -178,10 +181,9 @@ class FusedBuilder:
         from onnx import TensorProto
 
         D = self.config.head_dim
-        inv_freq = 1.0 / (np.float32(self.config.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / D))
         self.node("Cast", ["position_ids"], ["positions_f"], to=TensorProto.FLOAT)
         self.node("Unsqueeze", ["positions_f", self.const("axis_last", np.array([-1], np.int64))], ["positions_col"])
-        self.node("Mul", ["positions_col", self.const("inv_freq", inv_freq.astype(np.float32))], ["half_angles"])
+        self.node("Mul", ["positions_col", self.const("inv_freq", self.inv_freq())], ["half_angles"])
         self.node("Concat", ["half_angles", "half_angles"], ["angles"], axis=-1)  # (B, T, D)
         self.const("axis_2", np.array([2], np.int64))
         self.const("rotary_halves", np.array([D // 2, D // 2], np.int64))

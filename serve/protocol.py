@@ -185,8 +185,8 @@ def prompt_logprobs(tokenizer: Tokenizer, s: Sequence) -> tuple[str, dict]:
     reads its text through a stream decoder, token by token."""
     ids, table = np.asarray(s.prompt_ids, np.int64), token_table(tokenizer)
     if table.whole[ids].all():  # every token whole characters: each reads as its own text
-        text, offsets = "".join(table.pieces[ids].tolist()), np.cumsum(table.lengths[ids]) - table.lengths[ids]
-        offsets = offsets.tolist()
+        lengths = table.lengths[ids]
+        text, offsets = "".join(table.pieces[ids].tolist()), (np.cumsum(lengths) - lengths).tolist()
     else:
         decoder = tokenizer.stream()
         pieces = [decoder.feed(t) for t in s.prompt_ids]  # each token's text as it completes characters

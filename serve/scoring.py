@@ -91,10 +91,9 @@ class Scorer:
         that follow text i."""
         T = self.model.block_size
         texts = [np.asarray(ids, dtype=np.int64) for ids in texts]
-        k = min(top, self.model.vocab_size)
-        results = [TokenScores(np.zeros(max(len(ids) - 1, 0)),
-                               *((np.zeros((max(len(ids) - 1, 0), k), np.int64),
-                                  np.zeros((max(len(ids) - 1, 0), k))) if top else ())) for ids in texts]
+        k, sizes = min(top, self.model.vocab_size), [max(len(ids) - 1, 0) for ids in texts]
+        results = [TokenScores(np.zeros(n), *((np.zeros((n, k), np.int64), np.zeros((n, k))) if top else ()))
+                   for n in sizes]
         jobs = [(i, s, e, first) for i, ids in enumerate(texts) for s, e, first in self.windows(len(ids), stride)]
         jobs += [(i, max(0, len(ids) - T), len(ids), None) for i, ids in enumerate(texts)
                  if next_token and next_token[i]]  # first None: the window's last logits are the next token's
